@@ -1,0 +1,112 @@
+"""The `course` command.
+
+  course list                         the recipes and shipped checkpoints
+  course train RECIPE [--steps N] [--out DIR] [--no-resume]
+                                      train, save NAME.safetensors, evaluate, write the card NAME.json
+  course evaluate NAME [--out DIR]    re-measure a trained checkpoint and rewrite its card
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from course_lib.training import checkpoints
+
+
+def hardware() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def _list(args) -> int:
+    from course_lib.training import recipes
+    for name, r in sorted(recipes.RECIPES.items()):
+        shipped = (checkpoints.CHECKPOINT_DIR / f"{name}.safetensors").exists()
+        print(f"{name:24s} {'shipped ' if shipped else 'recipe  '} {r.steps:6d} steps  {r.description}")
+    return 0
+
+
+def _train(args) -> int:
+    import torch
+    from course_lib.nn.unet import count_parameters
+    from course_lib.training import recipes, trainer
+    recipe = recipes.get(args.recipe)
+    out = Path(args.out)
+    steps = recipe.steps if args.steps is None else args.steps
+    result = trainer.train(recipe, out, steps=steps, resume=not args.no_resume)
+    earlier = _read_json(out / f"{recipe.name}.train.json") if result.start_step > 0 else {}
+    seconds = result.seconds + earlier.get("wall_seconds", 0.0)
+    path = out / f"{recipe.name}.safetensors"
+    checkpoints.save_checkpoint(path, result.model, {"recipe": recipe.name, "steps": steps})
+    ran = steps - result.start_step
+    train_info = {"recipe": recipe.name, "steps": steps, "wall_seconds": round(seconds, 1),
+                  "seconds_per_step": round(result.seconds / ran, 4) if ran else earlier.get("seconds_per_step"),
+                  "hardware": hardware(), "torch": torch.__version__,
+                  "parameters": count_parameters(result.model),
+                  "final_loss": round(result.losses[-1][1], 5) if result.losses else None}
+    (out / f"{recipe.name}.train.json").write_text(json.dumps(train_info, indent=2) + "\n")
+    print(f"saved {path} after {steps} steps in {seconds:.0f} s")
+    return _evaluate(argparse.Namespace(name=recipe.name, out=str(out)))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _evaluate(args) -> int:
+    from course_lib.eval import report
+    from course_lib.training import recipes
+    recipe = recipes.get(args.name)
+    out = Path(args.out)
+    path = out / f"{recipe.name}.safetensors"
+    model = checkpoints.load_weights(recipe.build_model(), path, rebuild=f"course train {recipe.name}").eval()
+    metrics = report.measure(recipe, model)
+    card = {"name": recipe.name, "description": recipe.description,
+            "recipe": {k: (repr(v) if k == "model_config" else v) for k, v in vars(recipe).items()},
+            **_read_json(out / f"{recipe.name}.train.json"),
+            "file": path.name, "bytes": path.stat().st_size, "sha256": checkpoints.sha256(path),
+            "metrics": metrics, "measured": time.strftime("%Y-%m-%d")}
+    checkpoints.write_card(out / f"{recipe.name}.json", card)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="course", description="Guided Diffusion course tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="recipes and shipped checkpoints").set_defaults(func=_list)
+    p = sub.add_parser("train", help="train a recipe and write its checkpoint and card")
+    p.add_argument("recipe")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--out", default=str(checkpoints.CHECKPOINT_DIR), help="output folder")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if a state file exists")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("evaluate", help="measure a trained checkpoint and rewrite its card")
+    p.add_argument("name")
+    p.add_argument("--out", default=str(checkpoints.CHECKPOINT_DIR), help="folder holding NAME.safetensors")
+    p.set_defaults(func=_evaluate)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyError, ValueError, checkpoints.CheckpointError) as e:
+        print(f"course: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The course's evaluation network, as a feature extractor and a labeller.
+
+`FashionEvaluator` wraps the shipped `fashion_classifier` checkpoint: `features(x)` for FID,
+`predict(x)` for class accuracy and the Inception-Score analogue. Reference statistics of the
+Fashion-MNIST test set are computed once and cached.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from course_lib.eval import fid as fid_lib
+
+
+class FashionEvaluator:
+    def __init__(self, classifier=None, batch_size: int = 500):
+        if classifier is None:
+            from course_lib.training.checkpoints import load_pretrained
+            classifier = load_pretrained("fashion_classifier")
+        self.classifier = classifier.eval()
+        self.batch_size = batch_size
+        self._reference = None
+
+    @torch.no_grad()
+    def _map(self, fn, x):
+        if x.dim() != 4 or x.shape[1:] != (1, 28, 28):
+            raise ValueError(f"expects images shaped (N, 1, 28, 28) in [-1, 1], got {tuple(x.shape)}")
+        dev = next(self.classifier.parameters()).device
+        return torch.cat([fn(x[i:i + self.batch_size].to(dev).float().clamp(-1, 1)).cpu()
+                          for i in range(0, x.shape[0], self.batch_size)])
+
+    def features(self, x):
+        return self._map(self.classifier.features, x)
+
+    def logits(self, x):
+        return self._map(self.classifier, x)
+
+    def predict(self, x):
+        return self.logits(x).argmax(1)
+
+    def reference(self):
+        """(mu, sigma) of the 10,000 Fashion-MNIST test images."""
+        if self._reference is None:
+            self._reference = fid_lib.statistics(self.features(_test_images()))
+        return self._reference
+
+    def fid(self, x) -> float:
+        """FID of images x against the test set."""
+        return fid_lib.frechet_distance(*fid_lib.statistics(self.features(x)), *self.reference())
+
+    def real_fid(self, n: int, seed: int = 0) -> float:
+        """FID of n random *training* images against the test set: the floor at this sample count."""
+        from course_lib.data import fashion_mnist
+        train = fashion_mnist.load("train").images
+        idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+        return self.fid(train[idx])
+
+    def class_histogram(self, x) -> list:
+        return torch.bincount(self.predict(x), minlength=10).tolist()
+
+    def inception_score(self, x) -> float:
+        """exp E_x[KL(p(y|x) || p(y))] with the eval classifier in place of Inception (Salimans et al. 2016)."""
+        p = self.logits(x).double().softmax(1)
+        p_y = p.mean(0, keepdim=True)
+        return float(torch.exp((p * (p.clamp_min(1e-12).log() - p_y.log())).sum(1).mean()))
+
+
+@functools.lru_cache(maxsize=1)
+def _test_images():
+    from course_lib.data import fashion_mnist
+    return fashion_mnist.load("test").images
