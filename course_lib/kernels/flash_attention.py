@@ -203,7 +203,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM,
     empty = l_i == 0.0                                    # rows that saw no key: output 0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
-    lse = tl.where(empty, 0.0, m_i + tl.math.log2(l_safe))  # +inf makes P = exp2(S - L) = 0
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))  # +inf makes P = exp2(S - L) = 0
     _store_tile(O + off_b * stride_ob + off_h * stride_oh, o, offs_m, offs_dv, stride_ol, stride_od, Lq, head_dim_v, INTERPRET_BF16)
     tl.store(LSE + off_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
 

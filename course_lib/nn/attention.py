@@ -3,7 +3,8 @@
 `attention(q, k, v)` with q, k, v shaped (B, H, L, D). backend:
 - "auto": the Triton flash-attention kernel on CUDA (lesson 10), torch SDPA elsewhere;
 - "sdpa": torch.nn.functional.scaled_dot_product_attention;
-- "triton": the course's kernel (`course_lib.kernels.flash_attention`);
+- "triton": the course's kernel (`course_lib.kernels.flash_attention`); on the CPU it runs only
+  in Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), slowly;
 - "reference": the plain PyTorch specification (`course_lib.kernels.reference`).
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from course_lib.kernels.reference import attention_reference
+from course_lib.kernels.reference import attention_mask, attention_reference
 
 BACKENDS = ("auto", "sdpa", "triton", "reference")
 
@@ -34,22 +35,20 @@ def _check(q, k, v, key_padding_mask):
 
 
 def _sdpa(q, k, v, causal, key_padding_mask):
-    mask = None
-    if causal or key_padding_mask is not None:
-        lq, lk = q.shape[2], k.shape[2]
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-        if causal:
-            mask = mask.tril(diagonal=lk - lq)
-        mask = mask[None, None]
-        if key_padding_mask is not None:
-            mask = mask & key_padding_mask[:, None, None, :].to(torch.bool)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return torch.nan_to_num(out, nan=0.0)  # rows with every key masked -> 0, as the reference
-    return F.scaled_dot_product_attention(q, k, v)
+    if key_padding_mask is None and (not causal or q.shape[2] == k.shape[2]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # lets SDPA pick a fused kernel
+    keep = attention_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
+                          device=q.device)  # (1 or B, 1, Lq, Lk)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    return torch.nan_to_num(out, nan=0.0)  # rows with every key masked -> 0, as the reference
 
 
 def attention(q, k, v, *, causal=False, key_padding_mask=None, backend="auto"):
-    """softmax(q k^T / sqrt(D) + mask) v for q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv)."""
+    """softmax(q k^T / sqrt(D) + mask) v for q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv).
+
+    causal: query i sees keys j <= i + Lk - Lq. key_padding_mask: bool (B, Lk), True = real key.
+    Rows that see no key return 0 on every backend.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     _check(q, k, v, key_padding_mask)
