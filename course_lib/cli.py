@@ -49,13 +49,11 @@ def _train(args) -> int:
     out = Path(args.out)
     steps = recipe.steps if args.steps is None else args.steps
     result = trainer.train(recipe, out, steps=steps, resume=not args.no_resume)
-    earlier = _read_json(out / f"{recipe.name}.train.json") if result.start_step > 0 else {}
-    seconds = result.seconds + earlier.get("wall_seconds", 0.0)
+    seconds = result.seconds
     path = out / f"{recipe.name}.safetensors"
     checkpoints.save_checkpoint(path, result.model, {"recipe": recipe.name, "steps": steps})
-    ran = steps - result.start_step
-    train_info = {"recipe": recipe.name, "steps": steps, "wall_seconds": round(seconds, 1),
-                  "seconds_per_step": round(result.seconds / ran, 4) if ran else earlier.get("seconds_per_step"),
+    train_info = {"steps": steps, "wall_seconds": round(seconds, 1),
+                  "seconds_per_step": round(seconds / max(1, steps), 4),
                   "hardware": hardware(), "torch": torch.__version__,
                   "parameters": count_parameters(result.model),
                   "final_loss": round(result.losses[-1][1], 5) if result.losses else None}

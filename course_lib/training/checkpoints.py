@@ -80,22 +80,28 @@ def load_weights(model: torch.nn.Module, path, *, rebuild: str = "course train N
     return model
 
 
-def save_training_state(path, *, model, ema, optimizer, step: int, recipe: str) -> None:
-    """Everything exact resume needs: weights, EMA weights, optimizer moments, step."""
+def save_training_state(path, *, model, ema, optimizer, step: int, recipe: str, seconds: float = 0.0) -> None:
+    """Everything exact resume needs: weights, EMA weights, optimizer moments, step (and the
+    wall time spent so far, so a resumed run's card reports the whole time)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.model.state_dict().items()}
     opt = optimizer.state_dict()
     for i, s in opt["state"].items():
         tensors |= {f"opt.{i}.{k}": torch.as_tensor(v) for k, v in s.items()}
-    _atomic_save(tensors, path, {"step": step, "recipe": recipe})
+    _atomic_save(tensors, path, {"step": step, "recipe": recipe, "seconds": seconds})
+
+
+def read_metadata(path) -> dict:
+    """The JSON metadata in a safetensors file's header (no tensors are read)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(n)).get("__metadata__", {})
+    return {k: json.loads(v) for k, v in meta.items()}
 
 
 def load_training_state(path, *, model, ema, optimizer) -> int:
     """Restore what save_training_state wrote; returns the step to continue from."""
     state = _read(path, "delete it and train again")
-    with open(path, "rb") as f:  # metadata lives in the header
-        n = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(n)).get("__metadata__", {})
     model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
     ema.model.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
     opt_state = {}
@@ -106,7 +112,7 @@ def load_training_state(path, *, model, ema, optimizer) -> int:
     sd = optimizer.state_dict()
     sd["state"] = opt_state
     optimizer.load_state_dict(sd)
-    return int(json.loads(meta["step"]))
+    return int(read_metadata(path)["step"])
 
 
 def read_card(name: str) -> dict:

@@ -73,7 +73,7 @@ RECIPES = {r.name: r for r in [
            weight_decay=1e-4, ema_decay=0.998),
     Recipe("fashion_ddpm",
            "Unconditional eps-prediction ADM UNet with learned variance (L_hybrid), cosine schedule, T=1000.",
-           preset("fashion", learn_sigma=True), task="diffusion", steps=8000, batch_size=64, lr=5e-4),
+           preset("fashion", learn_sigma=True), task="diffusion", steps=6000, batch_size=64, lr=1e-3),
     Recipe("tiny_ddpm",
            "A toy UNet for tests and the visible training demonstration of lesson 02 (not shipped).",
            preset("tiny"), task="diffusion", steps=200, batch_size=32, lr=1e-3, warmup=20,

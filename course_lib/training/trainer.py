@@ -27,7 +27,7 @@ class TrainResult(NamedTuple):
     losses: list                # (step, loss) pairs
     steps: int
     start_step: int             # where this call began (> 0 after a resume)
-    seconds: float              # wall time of this call (not of earlier resumed runs)
+    seconds: float              # wall time of the whole run, earlier resumed calls included
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -93,9 +93,10 @@ def train(recipe, out_dir, *, steps: int | None = None, resume: bool = True, pro
     ema = EMA(model, recipe.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     state_path = Path(out_dir) / f"{recipe.name}.state.safetensors"
-    start = 0
+    start, earlier = 0, 0.0
     if resume and state_path.exists():
         start = checkpoints.load_training_state(state_path, model=model, ema=ema, optimizer=opt)
+        earlier = float(checkpoints.read_metadata(state_path).get("seconds", 0.0))
     images, labels = recipe.load_data() if data is None else data
     loss_fn = TASKS[recipe.task]
     history, t0 = [], time.time()
@@ -119,6 +120,6 @@ def train(recipe, out_dir, *, steps: int | None = None, resume: bool = True, pro
             if callback is not None:
                 callback(step, loss.item())
         if (step + 1) % recipe.checkpoint_every == 0 or step == steps - 1:
-            checkpoints.save_training_state(state_path, model=model, ema=ema, optimizer=opt,
-                                            step=step + 1, recipe=recipe.name)
-    return TrainResult(ema.model.eval(), model, history, steps, start, time.time() - t0)
+            checkpoints.save_training_state(state_path, model=model, ema=ema, optimizer=opt, step=step + 1,
+                                            recipe=recipe.name, seconds=earlier + time.time() - t0)
+    return TrainResult(ema.model.eval(), model, history, steps, start, earlier + time.time() - t0)
