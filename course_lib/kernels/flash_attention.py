@@ -86,7 +86,8 @@ def _load_tile(base, offs_l, offs_d, stride_l, stride_d, L, head_dim):
 def _store_tile(base, x, offs_l, offs_d, stride_l, stride_d, L, head_dim, INTERPRET_BF16: tl.constexpr):
     """Store a tile into one (L, head_dim) matrix, leaving padded rows and lanes out."""
     ptrs = base + offs_l[:, None] * stride_l + offs_d[None, :] * stride_d
-    tl.store(ptrs, _cast(x, base.dtype.element_ty, INTERPRET_BF16), mask=(offs_l[:, None] < L) & (offs_d[None, :] < head_dim))
+    mask = (offs_l[:, None] < L) & (offs_d[None, :] < head_dim)
+    tl.store(ptrs, _cast(x, base.dtype.element_ty, INTERPRET_BF16), mask=mask)
 
 
 @triton.jit
@@ -115,7 +116,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, offs_m, lo, hi,
                     MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    """Keys [lo, hi), BLOCK_N at a time: the online-softmax update, Algorithm 1 lines 8-10.
+    """Keys [lo, hi), BLOCK_N at a time: Algorithm 1's inner loop, the online-softmax update.
 
     Scores are kept in log2 units (qk_scale = scale * log2 e), so every exp is an exp2.
     MASK=False is the fast path for key blocks that every row of this block may see.
@@ -137,7 +138,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, offs_m, lo, hi,
         p = tl.math.exp2(s - m_safe[:, None])                  # (BLOCK_M, BLOCK_N) P~ of the paper
         alpha = tl.math.exp2(m_i - m_safe)                     # rescales what was summed so far
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, INTERPRET_BF16), v, PRECISION, INTERPRET_BF16)  # (BLOCK_M, BLOCK_DV)
+        p = _cast(p, v.dtype, INTERPRET_BF16)                  # P~ in the input dtype for the tensor cores
+        acc = acc * alpha[:, None] + _dot(p, v, PRECISION, INTERPRET_BF16)  # (BLOCK_M, BLOCK_DV)
         m_i = m_ij
     return acc, l_i, m_i
 
@@ -173,7 +175,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM,
     V_base = V + off_b * stride_vb + off_h * stride_vh
     KPM_base = KPM + off_b * stride_kpm_b
 
-    # Algorithm 1, lines 4-6: load the query block once, start the running state.
+    # Algorithm 1: load the query block once, start the running state m_i = -inf, l_i = 0, acc = 0.
     q = _load_tile(Q_base, offs_m, offs_d, stride_ql, stride_qd, Lq, head_dim)  # (BLOCK_M, BLOCK_D)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -199,12 +201,13 @@ def _attn_fwd(Q, K, V, O, LSE, KPM,
                                     Lk, head_dim, head_dim_v, qk_scale, causal_offset,
                                     True, CAUSAL, HAS_KPM, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, INTERPRET_BF16)
 
-    # Algorithm 1, lines 12-13: normalise once, keep the logsumexp for the backward pass.
+    # Algorithm 1, after the loop: normalise once, O = acc / l_i, and keep L = m_i + log l_i for the backward.
     empty = l_i == 0.0                                    # rows that saw no key: output 0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))  # +inf makes P = exp2(S - L) = 0
-    _store_tile(O + off_b * stride_ob + off_h * stride_oh, o, offs_m, offs_dv, stride_ol, stride_od, Lq, head_dim_v, INTERPRET_BF16)
+    O_base = O + off_b * stride_ob + off_h * stride_oh
+    _store_tile(O_base, o, offs_m, offs_dv, stride_ol, stride_od, Lq, head_dim_v, INTERPRET_BF16)
     tl.store(LSE + off_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
@@ -218,15 +221,17 @@ def _attn_bwd_preprocess(O, DO, DELTA,
                          stride_dob, stride_doh, stride_dol, stride_dod,
                          H, Lq, head_dim_v,
                          BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """delta_i = rowsum(dO_i * O_i), Algorithm 2 line 4: (B, H, Lq) fp32."""
+    """delta_i = rowsum(dO_i * O_i), the D of Algorithm 2: (B, H, Lq) fp32."""
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh, offs_m, offs_dv, stride_ol, stride_od, Lq, head_dim_v)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_dv, stride_dol, stride_dod, Lq, head_dim_v)
+    O_base = O + off_b * stride_ob + off_h * stride_oh
+    DO_base = DO + off_b * stride_dob + off_h * stride_doh
+    o = _load_tile(O_base, offs_m, offs_dv, stride_ol, stride_od, Lq, head_dim_v)     # (BLOCK_M, BLOCK_DV)
+    do = _load_tile(DO_base, offs_m, offs_dv, stride_dol, stride_dod, Lq, head_dim_v)  # (BLOCK_M, BLOCK_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # (BLOCK_M,)
     tl.store(DELTA + off_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
 
@@ -245,7 +250,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    """Program (n, b*H + h) computes dK, dV for keys [n*BLOCK_N, (n+1)*BLOCK_N) (Algorithm 2, lines 6-20).
+    """Program (n, b*H + h) computes dK, dV for keys [n*BLOCK_N, (n+1)*BLOCK_N) (Algorithm 2's outer loop).
 
     The scores are rebuilt transposed, S^T = K Q^T (BLOCK_N, BLOCK_M), so that
     dV += P^T dO and dK += dS^T Q need no transpose of the big operand.
@@ -281,16 +286,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
         lse = tl.load(LSE_base + offs_m, mask=offs_m < Lq, other=float("inf"))    # (BLOCK_M,)
         delta = tl.load(DELTA_base + offs_m, mask=offs_m < Lq, other=0.0)        # (BLOCK_M,)
         s_t = _dot(k, tl.trans(q), PRECISION, INTERPRET_BF16) * qk_scale                  # (BLOCK_N, BLOCK_M)
-        p_t = tl.math.exp2(s_t - lse[None, :])                                    # P^T, line 11
+        p_t = tl.math.exp2(s_t - lse[None, :])                                     # P^T = exp(S^T - L)
         keep_t = tl.trans(_keep(offs_m, offs_n, kpm, Lk, causal_offset, CAUSAL, HAS_KPM))
         p_t = tl.where(keep_t, p_t, 0.0)
-        dv += _dot(_cast(p_t, do.dtype, INTERPRET_BF16), do, PRECISION, INTERPRET_BF16)                      # line 12
-        dp_t = _dot(v, tl.trans(do), PRECISION, INTERPRET_BF16)                           # (BLOCK_N, BLOCK_M), line 13
-        ds_t = p_t * (dp_t - delta[None, :])                                      # line 14
-        dk += _dot(_cast(ds_t, q.dtype, INTERPRET_BF16), q, PRECISION, INTERPRET_BF16)                       # line 16
+        dv += _dot(_cast(p_t, do.dtype, INTERPRET_BF16), do, PRECISION, INTERPRET_BF16)   # dV += P^T dO
+        dp_t = _dot(v, tl.trans(do), PRECISION, INTERPRET_BF16)                    # dP^T = V dO^T
+        ds_t = p_t * (dp_t - delta[None, :])                                       # dS = P o (dP - D)
+        dk += _dot(_cast(ds_t, q.dtype, INTERPRET_BF16), q, PRECISION, INTERPRET_BF16)    # dK += dS^T Q
     dk = dk * sm_scale  # S = scale * Q K^T, so dK = scale * dS^T Q
-    _store_tile(DK + off_b * stride_dkb + off_h * stride_dkh, dk, offs_n, offs_d, stride_dkl, stride_dkd, Lk, head_dim, INTERPRET_BF16)
-    _store_tile(DV + off_b * stride_dvb + off_h * stride_dvh, dv, offs_n, offs_dv, stride_dvl, stride_dvd, Lk, head_dim_v, INTERPRET_BF16)
+    DK_base = DK + off_b * stride_dkb + off_h * stride_dkh
+    DV_base = DV + off_b * stride_dvb + off_h * stride_dvh
+    _store_tile(DK_base, dk, offs_n, offs_d, stride_dkl, stride_dkd, Lk, head_dim, INTERPRET_BF16)
+    _store_tile(DV_base, dv, offs_n, offs_dv, stride_dvl, stride_dvd, Lk, head_dim_v, INTERPRET_BF16)
 
 
 @triton.jit
@@ -306,7 +313,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KPM, DQ,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    """Program (m, b*H + h) computes dQ for queries [m*BLOCK_M, (m+1)*BLOCK_M) (Algorithm 2, line 15)."""
+    """Program (m, b*H + h) computes dQ for queries [m*BLOCK_M, (m+1)*BLOCK_M).
+
+    Algorithm 2 adds dS K into dQ from every key block's program (atomics, or a lock); here one
+    program owns a query block and walks over the keys, rebuilding P and dP a second time instead.
+    """
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
@@ -314,12 +325,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KPM, DQ,
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    Q_base = Q + off_b * stride_qb + off_h * stride_qh
     K_base = K + off_b * stride_kb + off_h * stride_kh
     V_base = V + off_b * stride_vb + off_h * stride_vh
+    DO_base = DO + off_b * stride_dob + off_h * stride_doh
     KPM_base = KPM + off_b * stride_kpm_b
 
-    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, stride_ql, stride_qd, Lq, head_dim)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_dv, stride_dol, stride_dod, Lq, head_dim_v)
+    q = _load_tile(Q_base, offs_m, offs_d, stride_ql, stride_qd, Lq, head_dim)          # (BLOCK_M, BLOCK_D)
+    do = _load_tile(DO_base, offs_m, offs_dv, stride_dol, stride_dod, Lq, head_dim_v)  # (BLOCK_M, BLOCK_DV)
     lse = tl.load(LSE + off_bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
     delta = tl.load(DELTA + off_bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -342,7 +355,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KPM, DQ,
         ds = p * (dp - delta[:, None])
         dq += _dot(_cast(ds, k.dtype, INTERPRET_BF16), k, PRECISION, INTERPRET_BF16)
     dq = dq * sm_scale
-    _store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh, dq, offs_m, offs_d, stride_dql, stride_dqd, Lq, head_dim, INTERPRET_BF16)
+    DQ_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+    _store_tile(DQ_base, dq, offs_m, offs_d, stride_dql, stride_dqd, Lq, head_dim, INTERPRET_BF16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +370,7 @@ def is_interpreted() -> bool:
 
 _GPU_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages); the autotuner drops what does not fit
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-    (128, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1),
+    (64, 32, 4, 2), (32, 32, 4, 1),
 ]
 
 
