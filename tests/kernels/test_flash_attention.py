@@ -42,11 +42,15 @@ def seed(request):
 
 
 def randn(shape, seed, dtype, layout="bhsd"):
-    """A (B, H, L, D) tensor of N(0, 1); layout "bshd" is the transposed view of a (B, L, H, D) tensor."""
+    """A (B, H, L, D) tensor of N(0, 1), as a view of memory laid out in `layout` order:
+    "bshd" after a linear projection and `transpose(1, 2)`, "bhdl" after a 1x1 convolution
+    over H*W positions and `transpose(-1, -2)` (the UNet's attention block)."""
     g = torch.Generator().manual_seed(seed)
+    b, h, l, d = shape
     if layout == "bshd":
-        b, h, l, d = shape
         return torch.randn(b, l, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
+    if layout == "bhdl":
+        return torch.randn(b, h, d, l, generator=g).to(DEVICE, dtype).transpose(2, 3)
     return torch.randn(*shape, generator=g).to(DEVICE, dtype)
 
 
@@ -147,6 +151,18 @@ def test_bshd_views(dtype, seed):
     o, dq, dk, dv = check(q, k, v, do, causal=True, seed=seed)
     assert o.stride() == q.stride(), "the output keeps the (B, L, H, D) memory order of q"
     assert dk.stride() == k.stride()
+
+
+def test_unet_layout(seed):
+    """Positions contiguous, features strided, as `course_lib.nn.unet` hands q, k, v over; keys joined to text."""
+    q, k, v, do = qkv(2, 2, 36, 36, 32, seed=seed, dtype=torch.float16, layout="bhdl")
+    assert q.stride(-2) == 1 and q.stride(-1) == 36
+    text_k, text_v = randn((2, 2, 7, 32), seed + 9, torch.float16), randn((2, 2, 7, 32), seed + 10, torch.float16)
+    k, v = torch.cat([text_k, k], dim=2), torch.cat([text_v, v], dim=2)
+    kpm = torch.ones(2, 7 + 36, dtype=torch.bool, device=DEVICE)
+    kpm[0, 3:7] = False
+    o = check(q, k, v, do, key_padding_mask=kpm, seed=seed)[0]
+    assert o.stride() == q.stride(), "the output comes back in the UNet's layout: transposing it back is free"
 
 
 def test_odd_strides(seed):
