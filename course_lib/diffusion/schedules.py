@@ -77,9 +77,11 @@ class NoiseSchedule:
         return (1 - self.alpha_bar_prev) / (1 - self.alpha_bar) * self.betas
 
     def posterior_log_variance_clipped(self) -> torch.Tensor:
-        """log beta_tilde_t with step 0 (where beta_tilde = 0) replaced by step 1's value, as ADM does."""
+        """log beta_tilde_t with step 0 (where beta_tilde = 0) replaced by step 1's value, as ADM does
+        (a one-step schedule, e.g. respaced to K=1, has no step 1: beta_0 stands in)."""
         var = self.posterior_variance()
-        return torch.log(torch.cat([var[1:2], var[1:]]))
+        first = var[1:2] if self.T > 1 else self.betas[:1]
+        return torch.log(torch.cat([first, var[1:]]))
 
 
 def schedule(name: str, T: int = 1000) -> NoiseSchedule:

@@ -59,6 +59,8 @@ def check(result, expected, *, mistakes: Mapping[str, torch.Tensor] | None = Non
     for description, value in (mistakes or {}).items():
         if _close(result, torch.as_tensor(value), rtol, atol):
             return Verdict(False, f"it looks like {description}.")
+    if not result.double().abs().any():
+        return Verdict(False, "every value is 0: is a placeholder (torch.zeros_like) still there?")
     ratio = _constant_ratio(result, expected)
     if ratio is not None:
         return Verdict(False, f"off by a constant factor of {ratio:.4g} everywhere: a missing sqrt, "
@@ -73,6 +75,8 @@ def _constant_ratio(a, b):
     if mask.sum() < 2:
         return None
     r = a[mask] / b[mask]
+    if r[0] == 0:  # a zero result is not "off by a factor"
+        return None
     if torch.allclose(r, r[0].expand_as(r), rtol=1e-4) and not torch.isclose(r[0], torch.tensor(1.0, dtype=r.dtype)):
         return float(r[0])
     return None

@@ -30,7 +30,7 @@ def log_variance(schedule: NoiseSchedule, t, x_t, variance: str, v=None):
     if variance == "small":
         return formulas.extract(schedule.posterior_log_variance_clipped(), t, x_t)
     if variance == "large":
-        large = torch.cat([schedule.posterior_variance()[1:2], schedule.betas[1:]]).log()
+        large = torch.cat([schedule.posterior_log_variance_clipped()[:1], schedule.betas[1:].log()])
         return formulas.extract(large, t, x_t)
     if variance == "learned":
         if v is None:

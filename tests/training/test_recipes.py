@@ -1,0 +1,44 @@
+"""Every recipe builds its model; unknown names list the known ones."""
+import dataclasses
+
+import pytest
+import torch
+
+from course_lib.nn.classifier import FashionClassifier
+from course_lib.nn.unet import UNet
+from course_lib.training import recipes
+
+
+@pytest.mark.parametrize("name", sorted(recipes.RECIPES))
+def test_every_recipe_builds_and_runs_its_model(name):
+    r = recipes.get(name)
+    assert r.name == name and r.description
+    model = r.build_model().eval()
+    x = torch.zeros(1, 1, 28, 28)
+    with torch.no_grad():
+        if r.task == "diffusion":
+            assert isinstance(model, UNet)
+            out = model(x, torch.tensor([r.T - 1]))
+            assert out.shape == (1, model.config.out_channels, 28, 28)
+            sched = r.noise_schedule()
+            assert sched.T == r.T and r.noise_schedule() is sched  # computed once
+        else:
+            assert isinstance(model, FashionClassifier)
+            assert model(x).shape == (1, 10)
+    assert r.task in ("diffusion", "classify", "noisy_classify")
+    assert 0 < r.batch_size and 0 < r.steps and 0 < r.lr and 0 <= r.ema_decay < 1
+
+
+def test_unknown_recipe_lists_known_names():
+    with pytest.raises(KeyError) as info:
+        recipes.get("nosuch")
+    for name in recipes.RECIPES:
+        assert name in str(info.value)
+
+
+def test_recipe_errors():
+    r = recipes.get("tiny_ddpm")
+    with pytest.raises(TypeError, match="no model"):
+        dataclasses.replace(r, model_config=object()).build_model()
+    with pytest.raises(ValueError, match="unknown dataset"):
+        dataclasses.replace(r, data="cifar").load_data()
