@@ -1,0 +1,162 @@
+"""Interactive viewers for the lessons: a slider over t, a slider over a sampler's trajectory,
+a dropdown over precomputed grids. Each is a function returning a `FrameViewer` widget.
+
+Frames are rendered once, up front, to PNG bytes (cache=True), so moving a control only swaps
+bytes and answers at once even on a slow CPU. Every viewer also carries a static picture of
+its current frame (text/html and image/png beside the widget view), so a notebook rendered
+without a kernel (HTML export, GitHub, an untrusted notebook) still shows the first frame and
+its caption. Used from lesson 01 (t_slider) on; samplers.loop.Trajectory feeds
+trajectory_slider in lessons 02-03.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Callable, Hashable, Mapping, Sequence
+
+import ipywidgets as widgets
+import numpy as np
+import torch
+
+from course_lib.diffusion.schedules import NoiseSchedule
+from course_lib.viz import plots
+
+TARGET_WIDTH_PX = 600  # small grids are enlarged by a whole factor to about this width
+
+
+def encode_png(array: np.ndarray, scale: int = 1) -> bytes:
+    """PNG bytes of a grid array in [0, 1] ((H, W) grey or (H, W, 3) RGB), every pixel
+    repeated scale x scale times, so small images stay crisp when shown large."""
+    from PIL import Image
+    a = np.repeat(np.repeat(np.asarray(array), scale, axis=0), scale, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8)).save(buf, format="png")
+    return buf.getvalue()
+
+
+def _scale_for(width: int, scale: int | None) -> int:
+    return scale if scale is not None else max(1, min(8, TARGET_WIDTH_PX // max(1, width)))
+
+
+class FrameViewer(widgets.VBox):
+    """A control (slider or dropdown), the image of the selected frame and a caption under it.
+
+    render(key) -> (png bytes, caption html) for each key the control can take. With
+    cache=True all frames are rendered here, once, and `frames` holds them; with cache=False a
+    frame is rendered each time the control moves. Attributes: control, image, caption, frames.
+    """
+
+    def __init__(self, control, render: Callable[[Hashable], tuple], keys: Sequence, *, cache: bool = True):
+        super().__init__()
+        self.render_frame = render
+        self.frames = {k: render(k) for k in keys} if cache else {}
+        png, caption = self.frame(control.value)
+        self.control = control
+        self.image = widgets.Image(value=png, format="png")
+        self.caption = widgets.HTML(caption)
+        self.children = [control, self.image, self.caption]
+        control.observe(self._show, names="value")
+
+    def frame(self, key) -> tuple:
+        """(png bytes, caption html) of frame `key`: from the cache when there is one."""
+        return self.frames[key] if key in self.frames else self.render_frame(key)
+
+    def _show(self, change):
+        png, caption = self.frame(change["new"])
+        with self.hold_sync():
+            self.image.value, self.caption.value = png, caption
+
+    def _repr_mimebundle_(self, **kwargs):
+        """The widget view for a live frontend, plus a static picture for renderers without one."""
+        data = super()._repr_mimebundle_(**kwargs)
+        b64 = base64.b64encode(bytes(self.image.value)).decode("ascii")
+        data["image/png"] = b64
+        data["text/html"] = (f'<figure style="margin:0"><img src="data:image/png;base64,{b64}"/>'
+                             f'<figcaption>{self.caption.value}<br><i>(a still of the interactive '
+                             f'viewer: run the cell in Jupyter to move the control)</i></figcaption></figure>')
+        return data
+
+
+def _control_over(values: Sequence[int], value: int, description: str):
+    """An IntSlider when values are evenly spaced integers, else a SelectionSlider over them."""
+    values = [int(v) for v in values]
+    steps = {b - a for a, b in zip(values, values[1:])}
+    if len(steps) <= 1 and all(s > 0 for s in steps):
+        return widgets.IntSlider(value=value, min=values[0], max=values[-1], step=steps.pop() if steps else 1,
+                                 description=description, continuous_update=True)
+    return widgets.SelectionSlider(options=values, value=value, description=description, continuous_update=True)
+
+
+def default_ts(T: int, frames: int = 100) -> list:
+    """About `frames` evenly spaced steps that end on the last one, T - 1 (the noisiest)."""
+    stride = max(1, T // frames)
+    return list(range((T - 1) % stride, T, stride))
+
+
+def t_slider(schedule: NoiseSchedule, images, ts: Sequence[int] | None = None, cache: bool = True, *,
+             t: int | None = None, noise=None, generator=None, nrow: int = 8, scale: int | None = None):
+    """A slider over t showing x_t = q_sample(x0, t, noise) for a batch of images (N, C, H, W)
+    in [-1, 1], with t, alpha_bar_t and the SNR in the caption. One noise draw serves every t,
+    so only the schedule changes as the slider moves. ts: the steps offered (default
+    default_ts(T)); t: the first one shown (default ts[0])."""
+    x0 = plots._check_images(images)
+    ts = [int(v) for v in (default_ts(schedule.T) if ts is None else ts)]
+    if not ts or min(ts) < 0 or max(ts) >= schedule.T or sorted(set(ts)) != ts:
+        raise ValueError(f"ts must be increasing distinct steps in [0, {schedule.T - 1}], got {ts[:5]}...")
+    noise = torch.randn(x0.shape, generator=generator) if noise is None else noise
+    width = plots.grid_array(x0, nrow=nrow).shape[1]
+
+    def render(step):
+        x_t = plots.noised_images(schedule, x0, [step], noise)[0]
+        ab = float(schedule.alpha_bar[step])
+        caption = (f"<b>t = {step}</b> (of 0..{schedule.T - 1}) &nbsp; &alpha;&#772;<sub>t</sub> = {ab:.4g}"
+                   f" &nbsp; SNR = {ab / (1 - ab):.3g} &nbsp; signal std &radic;&alpha;&#772; = {ab ** 0.5:.3f},"
+                   f" noise std &radic;(1&minus;&alpha;&#772;) = {(1 - ab) ** 0.5:.3f}")
+        return encode_png(plots.grid_array(x_t, nrow=nrow), _scale_for(width, scale)), caption
+
+    start = ts[0] if t is None else int(t)
+    if start not in ts:
+        raise ValueError(f"t={start} is not one of the offered steps ts")
+    return FrameViewer(_control_over(ts, start, "t"), render, ts, cache=cache)
+
+
+def trajectory_slider(trajectory, *, value: int | None = None, cache: bool = True, nrow: int = 8,
+                      scale: int | None = None):
+    """A slider over the recorded steps of a samplers.loop.Trajectory: x_t on the left, the
+    model's prediction of x_0 at that step on the right. value: the step index shown first
+    (default: the last one, the finished sample)."""
+    n = len(trajectory.t)
+    if n == 0:
+        raise ValueError("the trajectory is empty: pass it as callback= to samplers.loop.sample first")
+    width = 2 * plots.grid_array(trajectory.x_t[0], nrow=nrow).shape[1]
+
+    def render(i):
+        left = plots.grid_array(trajectory.x_t[i], nrow=nrow)
+        right = plots.grid_array(trajectory.x0[i], nrow=nrow)
+        gap = np.ones((left.shape[0], 6) + left.shape[2:])
+        caption = (f"<b>step {i + 1} of {n}</b>, t = {trajectory.t[i]} &nbsp; left: x<sub>t</sub>, the "
+                   f"sampler's current image; right: its prediction of x<sub>0</sub> at this step")
+        return encode_png(np.concatenate([left, gap, right], axis=1), _scale_for(width, scale)), caption
+
+    start = n - 1 if value is None else int(value)
+    control = widgets.IntSlider(value=start, min=0, max=n - 1, step=1, description="step", continuous_update=True)
+    return FrameViewer(control, render, list(range(n)), cache=cache)
+
+
+def grid_selector(grids: Mapping[str, object], *, value: str | None = None, cache: bool = True,
+                  nrow: int = 8, scale: int | None = None, description: str = "show"):
+    """A dropdown over precomputed image grids {label: (N, C, H, W) in [-1, 1]}, e.g. samples
+    per class or per guidance scale; the caption names the selected label."""
+    if not grids:
+        raise ValueError("grids is empty: pass {label: images}")
+    labels = list(grids)
+    width = max(plots.grid_array(grids[k], nrow=nrow).shape[1] for k in labels)
+
+    def render(label):
+        grid = plots.grid_array(grids[label], nrow=nrow)
+        return encode_png(grid, _scale_for(width, scale)), f"<b>{html.escape(str(label))}</b>"
+
+    control = widgets.Dropdown(options=labels, value=labels[0] if value is None else value,
+                               description=description)
+    return FrameViewer(control, render, labels, cache=cache)

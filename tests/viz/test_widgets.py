@@ -1,0 +1,135 @@
+"""Widgets: they construct without a frontend, moving the control swaps the shown frame, cached
+frames are served without recomputing q_sample, and a static picture rides along for renderers
+without a kernel."""
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import ipywidgets  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from course_lib.diffusion import formulas, schedules  # noqa: E402
+from course_lib.samplers import loop  # noqa: E402
+from course_lib.viz import plots, widgets  # noqa: E402
+
+
+def _images(n=4, seed=0):
+    return torch.rand(n, 1, 6, 5, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _png_size(data: bytes):
+    return Image.open(io.BytesIO(data)).size
+
+
+@pytest.fixture
+def sched():
+    return schedules.schedule("linear", 100)
+
+
+def test_default_ts_are_evenly_spaced_and_end_at_the_last_step():
+    ts = widgets.default_ts(1000)
+    assert len(ts) == 100 and ts[-1] == 999 and len({b - a for a, b in zip(ts, ts[1:])}) == 1
+    assert widgets.default_ts(7) == list(range(7))
+
+
+def test_t_slider_caches_every_frame_and_shows_the_first(sched):
+    w = widgets.t_slider(sched, _images(), generator=torch.Generator().manual_seed(0))
+    assert isinstance(w, ipywidgets.VBox) and isinstance(w.control, ipywidgets.IntSlider)
+    assert (w.control.min, w.control.max, w.control.step) == (0, 99, 1)
+    assert set(w.frames) == set(range(100))
+    assert w.image.value == w.frames[0][0]
+    assert "t = 0" in w.caption.value
+
+
+def test_moving_the_slider_changes_the_frame_and_caption(sched):
+    w = widgets.t_slider(sched, _images(), ts=[0, 20, 40, 60, 80], generator=torch.Generator().manual_seed(0))
+    first = w.image.value
+    w.control.value = 60
+    assert w.image.value == w.frames[60][0] != first
+    ab = float(sched.alpha_bar[60])
+    assert "t = 60" in w.caption.value and f"{ab:.4g}" in w.caption.value and f"{ab / (1 - ab):.3g}" in w.caption.value
+
+
+def test_cached_frames_are_served_without_recomputing(sched, monkeypatch):
+    w = widgets.t_slider(sched, _images(), ts=[0, 50, 99], generator=torch.Generator().manual_seed(0))
+
+    def boom(*args, **kwargs):
+        raise AssertionError("q_sample ran on a slider move although the frames are cached")
+    monkeypatch.setattr(formulas, "q_sample", boom)
+    w.control.value = 99
+    assert w.image.value == w.frames[99][0]
+
+
+def test_without_cache_each_move_renders_the_same_frame(sched, monkeypatch):
+    x0, noise = _images(), torch.randn(4, 1, 6, 5)
+    cached = widgets.t_slider(sched, x0, ts=[0, 50, 99], noise=noise)
+    calls = []
+    real = formulas.q_sample
+    monkeypatch.setattr(formulas, "q_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    live = widgets.t_slider(sched, x0, ts=[0, 50, 99], noise=noise, cache=False)
+    assert live.frames == {} and len(calls) == 1
+    live.control.value = 50
+    assert len(calls) == 2 and live.image.value == cached.frames[50][0]
+
+
+def test_uneven_ts_give_a_selection_slider_and_bad_ts_are_refused(sched):
+    w = widgets.t_slider(sched, _images(), ts=[0, 5, 30, 99], t=30)
+    assert isinstance(w.control, ipywidgets.SelectionSlider) and w.control.value == 30
+    w.control.value = 99
+    assert w.image.value == w.frames[99][0]
+    for bad in ([0, 100], [50, 10], []):
+        with pytest.raises(ValueError, match="ts"):
+            widgets.t_slider(sched, _images(), ts=bad)
+    with pytest.raises(ValueError, match="offered"):
+        widgets.t_slider(sched, _images(), ts=[0, 10], t=5)
+
+
+def test_static_picture_rides_along_for_renderers_without_a_kernel(sched):
+    w = widgets.t_slider(sched, _images(), ts=[0, 50], t=50)
+    bundle = w._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    png = base64.b64decode(bundle["image/png"])
+    assert png == w.frames[50][0] and png.startswith(b"\x89PNG")
+    assert bundle["image/png"] in bundle["text/html"] and "t = 50" in bundle["text/html"]
+
+
+def test_small_images_are_enlarged_by_a_whole_factor(sched):
+    w = widgets.t_slider(sched, _images(2), ts=[0], nrow=2, scale=3)
+    grid = plots.grid_array(_images(2), nrow=2)
+    assert _png_size(w.image.value) == (3 * grid.shape[1], 3 * grid.shape[0])
+
+
+def _trajectory(T=10):
+    sched = schedules.schedule("linear", T)
+    traj = loop.Trajectory()
+    loop.sample(lambda x, t, c: torch.zeros_like(x), sched, (3, 1, 6, 5), generator=torch.Generator().manual_seed(0),
+                progress=False, callback=traj)
+    return traj
+
+
+def test_trajectory_slider_shows_x_t_beside_predicted_x0():
+    traj = _trajectory()
+    w = widgets.trajectory_slider(traj, scale=1)
+    assert w.control.value == len(traj.t) - 1 and len(w.frames) == len(traj.t)  # starts on the finished sample
+    grid = plots.grid_array(traj.x_t[0])
+    assert _png_size(w.image.value) == (2 * grid.shape[1] + 6, grid.shape[0])
+    w.control.value = 0
+    assert w.image.value == w.frames[0][0] and f"t = {traj.t[0]}" in w.caption.value
+    with pytest.raises(ValueError, match="empty"):
+        widgets.trajectory_slider(loop.Trajectory())
+
+
+def test_grid_selector_switches_between_cached_grids():
+    grids = {"class <0>": _images(seed=1), "class 1": _images(seed=2)}
+    w = widgets.grid_selector(grids, description="class")
+    assert isinstance(w.control, ipywidgets.Dropdown) and list(w.control.options) == list(grids)
+    assert "class &lt;0&gt;" in w.caption.value  # labels are escaped
+    w.control.value = "class 1"
+    assert w.image.value == w.frames["class 1"][0] != w.frames["class <0>"][0]
+    with pytest.raises(ValueError, match="empty"):
+        widgets.grid_selector({})
