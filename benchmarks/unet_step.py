@@ -209,8 +209,10 @@ def main(argv=None) -> int:
     p.add_argument("--quality-lr", type=float, default=5e-4)
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one fp32 step of each")
     p.add_argument("--out", default=str(RESULT))
+    p.add_argument("--note", default="", help="a line about the conditions, written with the results")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    load_start = os.getloadavg()[0]
     cfg = preset("fashion")
     models = build_models(cfg, args.seed, device)
     n_ours = count_parameters(models[OURS][0])
@@ -243,7 +245,8 @@ def main(argv=None) -> int:
         q = quality(cfg, args.quality_steps, args.batch, args.quality_lr, True, device, args.seed)
         lines += ["", f"quality: {args.quality_steps} bf16-autocast training steps of each on Fashion-MNIST "
                       f"(batch {args.batch}), same data order, t, noise, AdamW lr {args.quality_lr}, seed "
-                      f"{args.seed}, cosine schedule; mean L_simple on 8 fixed held-out test batches (lower is better)"]
+                      f"{args.seed}, cosine schedule; mean L_simple on 8 fixed held-out test batches (lower is better); "
+                      "one seed and a short run: a first look at quality, not a FID"]
         for name, (loss, seconds) in q.items():
             lines.append(f"  {name:<48} held-out L_simple {loss:.4f}   ({seconds:.0f} s of training)")
     else:
@@ -256,7 +259,10 @@ def main(argv=None) -> int:
               f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
               f"{', single-threaded' if threads == 1 else ''})",
               f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}, "
-              f"python {platform.python_version()}"]
+              f"python {platform.python_version()}; 1-minute load average {load_start:.2f} at the start, "
+              f"{os.getloadavg()[0]:.2f} at the end"]
+    if args.note:
+        lines.append(f"note: {args.note}")
     print("\n".join(lines[printed:]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
