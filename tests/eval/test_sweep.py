@@ -1,0 +1,55 @@
+"""fid_sweep: every row from the same x_T and step noise, the same n, rows in order."""
+import pytest
+import torch
+
+from course_lib.diffusion.schedules import NoiseSchedule, cosine_betas
+from course_lib.eval import fid as fid_lib
+from course_lib.eval import sweep
+from course_lib.samplers import config as sc
+
+SCHEDULE = NoiseSchedule.from_betas(cosine_betas(100))
+
+
+def eps_fn(x, t, cond=None):
+    return 0.3 * torch.tanh(x) + 0.01 * t.view(-1, 1, 1, 1).to(x.dtype) / 100
+
+
+class PixelEvaluator:
+    """FID on the first 8 pixels: enough to tell two sample sets apart."""
+
+    def __init__(self):
+        self.calls = []
+
+    def fid(self, x):
+        self.calls.append(x.shape[0])
+        ref = torch.randn(500, 8, generator=torch.Generator().manual_seed(0)) * 0.5
+        return fid_lib.fid_from_features(x.flatten(1)[:, :8], ref)
+
+
+def test_rows_share_x_T_and_step_noise_and_n():
+    configs = [sc.SamplerConfig(steps=5), sc.SamplerConfig(steps=5, eta=1.0), sc.SamplerConfig(steps=5, eta=1.0),
+               sc.SamplerConfig(steps=5)]
+    ev = PixelEvaluator()
+    rows = sweep.fid_sweep(ev, configs, eps_fn, SCHEDULE, 37, shape=(1, 4, 4), batch_size=16, keep=5, log=None)
+    assert [r.config for r in rows] == configs and ev.calls == [37] * 4
+    assert torch.equal(rows[0].samples, rows[3].samples) and rows[0].fid == rows[3].fid
+    assert torch.equal(rows[1].samples, rows[2].samples)          # the step noise is re-seeded per row
+    assert not torch.equal(rows[0].samples, rows[1].samples)
+    assert rows[0].samples.shape == (5, 1, 4, 4) and all(r.seconds >= 0 for r in rows)
+
+
+def test_samples_are_the_configs_run_from_noise_for_seed():
+    cfg = sc.SamplerConfig(steps=4)
+    rows = sweep.fid_sweep(PixelEvaluator(), [cfg], eps_fn, SCHEDULE, 6, shape=(1, 4, 4), seed=3, batch_size=4,
+                           log=None)
+    x_T = sweep.noise_for(6, (1, 4, 4), seed=3)
+    torch.testing.assert_close(rows[0].samples, sc.run(cfg, eps_fn, SCHEDULE, x_T))
+
+
+def test_log_gets_one_line_per_row_and_n_below_2_is_an_error():
+    lines = []
+    sweep.fid_sweep(PixelEvaluator(), [sc.SamplerConfig(steps=3)], eps_fn, SCHEDULE, 4, shape=(1, 4, 4),
+                    log=lines.append)
+    assert len(lines) == 1 and "DDIM eta=0, 3 steps" in lines[0] and "FID" in lines[0]
+    with pytest.raises(ValueError, match="at least 2"):
+        sweep.fid_sweep(PixelEvaluator(), [sc.SamplerConfig(steps=3)], eps_fn, SCHEDULE, 1, log=None)
