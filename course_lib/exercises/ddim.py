@@ -62,11 +62,11 @@ def _sigma_mistakes():
         "you returned the variance sigma_t^2; eq. (16) gives the standard deviation sigma_t "
         "(take the square root of the product)":
             lambda a_t, a_p, eta: eta ** 2 * parts(a_t, a_p)[0] * parts(a_t, a_p)[1],
-        "eta multiplies sigma_t, not sigma_t^2: the result should scale linearly with eta (you have eta^2)":
+        "you squared eta (eta^2 on sigma_t); eq. (16) has eta itself, so sigma_t grows linearly with eta":
             lambda a_t, a_p, eta: eta ** 2 * (parts(a_t, a_p)[0] * parts(a_t, a_p)[1]).sqrt(),
-        "eta scales the variance in yours (sqrt(eta) on sigma_t); eq. (16) puts eta on sigma_t itself":
+        "you put sqrt(eta) on sigma_t, as if eta scaled the variance; eq. (16) puts eta on sigma_t itself":
             lambda a_t, a_p, eta: eta ** 0.5 * (parts(a_t, a_p)[0] * parts(a_t, a_p)[1]).sqrt(),
-        "eta is ignored: eta = 0 must give sigma_t = 0 (deterministic DDIM)":
+        "you ignored eta: eta = 0 must give sigma_t = 0 (deterministic DDIM)":
             lambda a_t, a_p, eta: (parts(a_t, a_p)[0] * parts(a_t, a_p)[1]).sqrt(),
         "the first factor is missing: sqrt(1 - alpha_bar_t / alpha_bar_prev) alone is the step's beta (DDPM's "
         "'large' variance); eq. (16) shrinks it by sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) to beta_tilde":
@@ -241,7 +241,7 @@ def _slerp_mistakes():
             lambda z0, z1, a: (1 - a) * z0 + a * z1,
         "the two ends are swapped: alpha = 0 must give z0 and alpha = 1 must give z1":
             lambda z0, z1, a: slerp_with(z0, z1, 1 - a, angle(z0, z1, per_item)),
-        "one angle for the whole batch (the dot product summed over every item); each batch item has its own "
+        "you used one angle for the whole batch (the dot product summed over every item); each item has its own "
         "theta: sum over (C, H, W) only, e.g. z0.flatten(1)":
             lambda z0, z1, a: slerp_with(z0, z1, a, angle(z0, z1, (0, 1, 2, 3))),
         "the division by sin(theta) is missing": lambda z0, z1, a: slerp_with(z0, z1, a, angle(z0, z1, per_item))

@@ -40,7 +40,7 @@ def test_sigma_accepts_right_answers(fn):
     (lambda a_t, a_p, eta: eta ** 2 * (1 - a_p) / (1 - a_t) * (1 - a_t / a_p), "the variance sigma_t^2"),
     (lambda a_t, a_p, eta: eta ** 2 * sigma_right(a_t, a_p, 1.0), "eta^2"),
     (lambda a_t, a_p, eta: math.sqrt(eta) * sigma_right(a_t, a_p, 1.0), "sqrt(eta)"),
-    (lambda a_t, a_p, eta: sigma_right(a_t, a_p, 1.0), "eta is ignored"),
+    (lambda a_t, a_p, eta: sigma_right(a_t, a_p, 1.0), "ignored eta"),
     (lambda a_t, a_p, eta: eta * torch.sqrt(1 - a_t / a_p), "the first factor is missing"),
     (lambda a_t, a_p, eta: eta * torch.sqrt((1 - a_t) / (1 - a_p)) * torch.sqrt(1 - a_t / a_p), "upside down"),
     (lambda a_t, a_p, eta: eta * torch.sqrt((1 - a_p) / (1 - a_t)) * torch.sqrt(1 - a_p / a_t), "flipped"),
