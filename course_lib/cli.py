@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from course_lib import runtime
 from course_lib.training import checkpoints
 
 
@@ -55,8 +56,12 @@ def _train(args) -> int:
     train_info = {"steps": steps, "wall_seconds": round(seconds, 1),
                   "seconds_per_step": round(seconds / max(1, steps), 4),
                   "hardware": hardware(), "torch": torch.__version__,
+                  "precision": "bf16 autocast" if recipe.bf16 and runtime.bf16_is_fast("cpu") else "fp32",
                   "parameters": count_parameters(result.model),
                   "final_loss": round(result.losses[-1][1], 5) if result.losses else None}
+    if recipe.init_from:
+        train_info["init_from"] = {"name": recipe.init_from,
+                                   "sha256": checkpoints.read_card(recipe.init_from)["sha256"]}
     (out / f"{recipe.name}.train.json").write_text(json.dumps(train_info, indent=2) + "\n")
     print(f"saved {path} after {steps} steps in {seconds:.0f} s")
     return _evaluate(argparse.Namespace(name=recipe.name, out=str(out)))

@@ -23,3 +23,30 @@ def test_default_device(monkeypatch):
     assert runtime.default_device() == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert runtime.default_device() == torch.device("cuda")
+
+
+def test_bf16_is_fast_reads_the_cpu_flags_and_the_override(monkeypatch):
+    monkeypatch.delenv("COURSE_BF16", raising=False)
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert not runtime.bf16_is_fast("cpu")
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert runtime.bf16_is_fast("cpu")
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"amx_bf16"})
+    assert runtime.bf16_is_fast("cpu") and not runtime.bf16_is_fast("mps")
+    monkeypatch.setenv("COURSE_BF16", "0")
+    assert not runtime.bf16_is_fast("cpu")
+    monkeypatch.setenv("COURSE_BF16", "1")
+    assert runtime.bf16_is_fast("cpu")
+
+
+def test_autocast_is_bf16_only_where_fast_and_asked(monkeypatch):
+    x = torch.randn(2, 3)
+    w = torch.randn(3, 3)
+    monkeypatch.setenv("COURSE_BF16", "1")
+    with runtime.autocast("cpu", True):
+        assert (x @ w).dtype == torch.bfloat16
+    with runtime.autocast("cpu", False):
+        assert (x @ w).dtype == torch.float32
+    monkeypatch.setenv("COURSE_BF16", "0")
+    with runtime.autocast("cpu", True):
+        assert (x @ w).dtype == torch.float32

@@ -6,6 +6,7 @@ import time
 import torch
 
 from course_lib.eval.features import FashionEvaluator
+from course_lib.eval.sweep import balanced_labels
 
 
 @torch.no_grad()
@@ -35,10 +36,62 @@ def sample_images(recipe, model, n: int, steps: int, *, variance=None, seed: int
     return torch.cat(out)
 
 
+NOISY_ACCURACY_TS = (0, 100, 250, 500, 750, 900, 999)
+
+
+@torch.no_grad()
+def noisy_accuracy(recipe, model, images, labels, ts=NOISY_ACCURACY_TS, *, seed: int = 0,
+                   batch_size: int = 500) -> dict:
+    """Accuracy of a noise-aware classifier p(y | x_t, t) on x_t = q_sample(x0, t) at each t in ts.
+
+    The noise is drawn from one generator seeded by `seed`, so the numbers are reproducible.
+    Returns {t: accuracy}.
+    """
+    from course_lib.diffusion import formulas
+    sched = recipe.noise_schedule()
+    model.eval()
+    out = {}
+    for t_val in ts:
+        if not 0 <= int(t_val) < sched.T:
+            raise ValueError(f"t must lie in [0, {sched.T - 1}], got {t_val}")
+        g = torch.Generator().manual_seed(seed * 1_000_003 + int(t_val))
+        correct = 0
+        for i in range(0, images.shape[0], batch_size):
+            x0 = images[i:i + batch_size]
+            t = torch.full((x0.shape[0],), int(t_val), dtype=torch.long)
+            x_t = formulas.q_sample(sched, x0, t, torch.randn(x0.shape, generator=g))
+            correct += int((model(x_t, t).argmax(1) == labels[i:i + batch_size]).sum())
+        out[int(t_val)] = correct / images.shape[0]
+    return out
+
+
 def measure(recipe, model) -> dict:
     if recipe.task == "classify":
         images, labels = recipe.load_data("test")
         return {"test_accuracy": round(classifier_accuracy(model, images, labels), 4), "test_images": images.shape[0]}
+    if recipe.task == "noisy_classify":
+        images, labels = recipe.load_data("test")
+        acc = noisy_accuracy(recipe, model, images, labels)
+        return {"test_accuracy_by_t": {str(t): round(a, 4) for t, a in acc.items()}, "test_images": images.shape[0],
+                "noise": "x_t = q_sample(x0, t) with the recipe's schedule, one fixed seed per t"}
+    if recipe.task == "diffusion" and getattr(model.config, "num_classes", None):
+        ev = FashionEvaluator()
+        n = recipe.eval_samples
+        y = balanced_labels(n, model.config.num_classes)
+        t0 = time.time()
+        x_c = sample_images(recipe, model, n, recipe.eval_steps, y=y)
+        seconds = time.time() - t0
+        x_u = sample_images(recipe, model, n, recipe.eval_steps, seed=1)   # y=None: the null class
+        variance = "learned" if model.config.learn_sigma else "small"
+        return {"fid_conditional": round(ev.fid(x_c), 3),
+                "accuracy_conditional": round(float((ev.predict(x_c) == y).float().mean()), 4),
+                "fid_unconditional": round(ev.fid(x_u), 3), "real_vs_real_fid": round(ev.real_fid(n), 3),
+                "fid_samples": n, "fid_reference": "Fashion-MNIST test set (10,000), eval-classifier features",
+                "sampler": f"DDPM, {recipe.eval_steps} respaced steps, {variance} variance, no guidance "
+                           "(conditional: balanced labels; unconditional: the null class)",
+                "class_histogram_conditional": ev.class_histogram(x_c),
+                "class_histogram_unconditional": ev.class_histogram(x_u),
+                "seconds_per_sample": round(seconds / n, 4)}
     if recipe.task == "diffusion":
         ev = FashionEvaluator()
         t0 = time.time()

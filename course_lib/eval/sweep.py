@@ -1,5 +1,7 @@
 """FID of several samplers on one model, every row from the same noise (lesson 03's steps-vs-FID
-table, the DDIM paper's Table 1 in miniature).
+table, the DDIM paper's Table 1 in miniature), and of several guided noise predictors under one
+sampler (`guided_sweep`: lessons 04-05's guidance-scale sweeps, with class accuracy and the
+Inception-Score analogue beside FID).
 
 All rows start from the same x_T (one generator seeded by `seed` draws all n of them up front),
 and stochastic samplers get their step noise from a generator re-seeded alike for every row, so
@@ -9,7 +11,7 @@ n; report the evaluator's real_fid(n) beside the table.
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -51,3 +53,64 @@ def fid_sweep(evaluator, configs: Sequence[sampler_config.SamplerConfig], eps_fn
             log(f"{config.label:45s} FID {rows[-1].fid:8.2f}   "
                 f"({seconds:.0f} s, {seconds / n * 1000:.0f} ms per sample)")
     return rows
+
+
+class GuidedRow(NamedTuple):
+    label: str               # the key of eps_fns this row measured
+    fid: float
+    accuracy: float          # share of samples the eval classifier assigns to the class they were asked for
+    inception_score: float   # exp E[KL(p(y|x) || p(y))] under the eval classifier (evaluator.inception_score)
+    seconds: float           # wall time of the sampling (not of the metrics)
+    samples: torch.Tensor    # all n samples, (n, C, H, W)
+    labels: torch.Tensor     # the class each sample was asked for, (n,)
+
+
+def balanced_labels(n: int, num_classes: int = 10) -> torch.Tensor:
+    """0, 1, ..., K-1, 0, 1, ...: n labels covering every class equally (up to n mod K)."""
+    return torch.arange(n) % num_classes
+
+
+def guided_sweep(evaluator, eps_fns: Mapping[str, Callable], schedule, n: int, *,
+                 config: sampler_config.SamplerConfig = sampler_config.SamplerConfig("ddim", 25),
+                 num_classes: int = 10, shape: Sequence[int] = (1, 28, 28), seed: int = 0, batch_size: int = 100,
+                 log: Callable[[str], None] | None = print) -> list:
+    """For each labelled noise predictor eps_fns[label](x_t, t, cond=y): n samples asked for the balanced
+    classes balanced_labels(n), drawn with `config` from the same x_T (and the same step noise), then
+    their FID, class accuracy and Inception-Score analogue by `evaluator` (a FashionEvaluator).
+
+    Rows differ only in the noise predictor, so a guidance sweep (eps_fns = {f"s={s}": guided(s) ...})
+    measures guidance alone. Returns one GuidedRow per entry, in order; log(line) after each (None: silent).
+    """
+    if n < 2:
+        raise ValueError(f"FID needs at least 2 samples, got n={n}")
+    if not eps_fns:
+        raise ValueError("eps_fns is empty: pass {label: noise predictor}")
+    x_T, y = noise_for(n, shape, seed), balanced_labels(n, num_classes)
+    rows = []
+    for label, eps_fn in eps_fns.items():
+        generator = torch.Generator().manual_seed(seed + 1)
+        t0 = time.time()
+        samples = torch.cat([sampler_config.run(config, eps_fn, schedule, x_T[i:i + batch_size],
+                                                cond=y[i:i + batch_size], generator=generator)
+                             for i in range(0, n, batch_size)])
+        seconds = time.time() - t0
+        accuracy = float((evaluator.predict(samples) == y).float().mean())
+        rows.append(GuidedRow(label, evaluator.fid(samples), accuracy, evaluator.inception_score(samples),
+                              seconds, samples, y))
+        if log is not None:
+            r = rows[-1]
+            log(f"{label:28s} FID {r.fid:7.2f}   accuracy {100 * r.accuracy:5.1f}%   IS {r.inception_score:5.2f}   "
+                f"({seconds:.0f} s, {seconds / n * 1000:.0f} ms per sample)")
+    return rows
+
+
+def by_class(row: GuidedRow, per_class: int, num_classes: int = 10) -> torch.Tensor:
+    """The first per_class samples of each class of a GuidedRow, class by class: (num_classes * per_class, C, H, W),
+    ready for a grid with nrow=per_class."""
+    picks = []
+    for c in range(num_classes):
+        idx = (row.labels == c).nonzero().flatten()[:per_class]
+        if len(idx) < per_class:
+            raise ValueError(f"the row holds {len(idx)} samples of class {c}; asked for {per_class}")
+        picks.append(row.samples[idx])
+    return torch.cat(picks)

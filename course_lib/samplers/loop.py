@@ -66,9 +66,12 @@ def sample(eps_fn: Callable, schedule, shape, *, step=ddpm_step, timesteps=None,
 
 
 def model_fn(model, *, bf16: bool = False):
-    """The noise predictor of a UNet: eps_fn(x_t, t, cond) with cond a class index tensor or None."""
+    """The noise predictor of a UNet: eps_fn(x_t, t, cond) with cond a class index tensor or None.
+    bf16=True runs it under bf16 autocast where that is fast (runtime.bf16_is_fast), else in fp32."""
+    from course_lib import runtime
+
     def eps_fn(x_t, t, cond=None):
-        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with runtime.autocast(x_t.device.type, bf16):
             out = model(x_t, t, cond)
         return out.float()
     return eps_fn

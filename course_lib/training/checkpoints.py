@@ -80,6 +80,25 @@ def load_weights(model: torch.nn.Module, path, *, rebuild: str = "course train N
     return model
 
 
+def warm_start(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """Start `model` from the shipped checkpoint `name` (sha256 checked): every weight they share
+    is copied; a class embedding the source lacks starts at zero, so the model's output at step 0
+    is exactly the source model's. Any other difference is an error."""
+    source = load_pretrained(name).state_dict()
+    own = model.state_dict()
+    missing = sorted(set(own) - set(source))
+    extra = sorted(set(source) - set(own))
+    reshaped = sorted(k for k in set(own) & set(source) if own[k].shape != source[k].shape)
+    if extra or reshaped or any(not k.startswith("class_embed.") for k in missing):
+        raise CheckpointError(f"cannot warm-start from {name!r}: it lacks {missing}, has extra {extra}, "
+                              f"differs in shape at {reshaped}; only a class embedding may be new")
+    with torch.no_grad():
+        for k in missing:
+            own[k].zero_()
+    model.load_state_dict({**own, **source})
+    return model
+
+
 def save_training_state(path, *, model, ema, optimizer, step: int, recipe: str, seconds: float = 0.0) -> None:
     """Everything exact resume needs: weights, EMA weights, optimizer moments, step (and the
     wall time spent so far, so a resumed run's card reports the whole time)."""

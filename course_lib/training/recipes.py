@@ -1,7 +1,8 @@
 """Named training recipes: everything needed to rebuild a shipped checkpoint with
 `course train NAME`. A recipe is data (a frozen dataclass); the loop is `trainer.train`.
 
-Sized to train on 2 CPU cores in about an hour (bf16 autocast), minutes on a GPU.
+Sized to train on 2 CPU cores in about an hour, minutes on a GPU. bf16 autocast is used where the
+hardware has native bf16 (runtime.bf16_is_fast), fp32 elsewhere; each card records the hardware.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from course_lib.diffusion.schedules import NoiseSchedule, schedule as make_schedule
-from course_lib.nn.classifier import ClassifierConfig, FashionClassifier
+from course_lib.nn.classifier import ClassifierConfig, FashionClassifier, NoisyClassifier, NoisyClassifierConfig
 from course_lib.nn.unet import UNet, UNetConfig, preset
 
 
@@ -44,17 +45,20 @@ class Recipe:
     T: int = 1000                   # diffusion steps
     label_dropout: float = 0.0      # share of labels replaced by the null class (classifier-free guidance)
     seed: int = 0
-    bf16: bool = True               # bf16 autocast (about 2x faster on this course's CPUs)
+    bf16: bool = True               # bf16 autocast where the hardware has native bf16 (runtime.bf16_is_fast)
     checkpoint_every: int = 500
     data: str = "fashion_mnist"
     eval_samples: int = 1000        # samples drawn for the card's FID
     eval_steps: int = 100           # respaced sampling steps for the card's FID
+    init_from: str | None = None    # warm start: a shipped checkpoint whose weights the model starts from
 
     def build_model(self) -> torch.nn.Module:
         if isinstance(self.model_config, UNetConfig):
             return UNet(self.model_config)
         if isinstance(self.model_config, ClassifierConfig):
             return FashionClassifier(self.model_config)
+        if isinstance(self.model_config, NoisyClassifierConfig):
+            return NoisyClassifier(self.model_config)
         raise TypeError(f"recipe {self.name}: no model for {type(self.model_config).__name__}")
 
     def noise_schedule(self) -> NoiseSchedule:
@@ -74,6 +78,18 @@ RECIPES = {r.name: r for r in [
     Recipe("fashion_ddpm",
            "Unconditional eps-prediction ADM UNet with learned variance (L_hybrid), cosine schedule, T=1000.",
            preset("fashion", learn_sigma=True), task="diffusion", steps=6000, batch_size=64, lr=1e-3),
+    Recipe("fashion_cond",
+           "Class-conditional eps-prediction ADM UNet (class embedding added to the timestep embedding, "
+           "null class 10, label dropout 0.1 so one model is conditional and unconditional), learned variance, "
+           "cosine schedule, T=1000. Warm-started from fashion_ddpm with a zero class embedding, so step 0 "
+           "is exactly the unconditional model and training only has to learn what the label adds.",
+           preset("fashion", learn_sigma=True, num_classes=10), task="diffusion", steps=1200, batch_size=64,
+           lr=1e-3, warmup=50, label_dropout=0.1, init_from="fashion_ddpm", eval_samples=500, eval_steps=50),
+    Recipe("fashion_noisy_classifier",
+           "Noise-aware classifier p(y | x_t, t) for classifier guidance (ADM: the UNet's downsampling half "
+           "with attention pooling), trained on q_sample(x0, t) over all t, cosine schedule, T=1000.",
+           NoisyClassifierConfig(), task="noisy_classify", steps=2000, batch_size=128, lr=1e-3, warmup=100,
+           weight_decay=0.05, ema_decay=0.999),
     Recipe("tiny_ddpm",
            "A toy UNet for tests and the visible training demonstration of lesson 02 (not shipped).",
            preset("tiny"), task="diffusion", steps=200, batch_size=32, lr=1e-3, warmup=20,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from course_lib import runtime
 from course_lib.diffusion import formulas, losses
 from course_lib.diffusion.schedules import schedule as make_schedule
 from course_lib.training import checkpoints
@@ -46,7 +47,7 @@ def diffusion_loss(model, recipe, x0, y, g):
         y = torch.where(drop, torch.full_like(y, model.config.num_classes), y)
     else:
         y = None
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+    with runtime.autocast(x0.device.type, recipe.bf16):
         out = model(x_t, t, y)
     return losses.diffusion_loss(sched, out.float(), x0, x_t, t, noise).loss.mean()
 
@@ -55,7 +56,7 @@ def classify_loss(model, recipe, x0, y, g):
     """Cross-entropy of a clean-image classifier, with random horizontal flips."""
     flip = torch.rand(x0.shape[0], generator=g) < 0.5
     x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+    with runtime.autocast(x0.device.type, recipe.bf16):
         logits = model(x0)
     return F.cross_entropy(logits.float(), y)
 
@@ -65,7 +66,7 @@ def noisy_classify_loss(model, recipe, x0, y, g):
     sched = recipe.noise_schedule()
     t = torch.randint(0, sched.T, (x0.shape[0],), generator=g)
     x_t = formulas.q_sample(sched, x0, t, torch.randn(x0.shape, generator=g))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+    with runtime.autocast(x0.device.type, recipe.bf16):
         logits = model(x_t, t)
     return F.cross_entropy(logits.float(), y)
 
@@ -90,6 +91,8 @@ def train(recipe, out_dir, *, steps: int | None = None, resume: bool = True, pro
         raise ValueError(f"steps must be >= 0, got {steps}")
     torch.manual_seed(recipe.seed)
     model = recipe.build_model().train()
+    if recipe.init_from:
+        checkpoints.warm_start(model, recipe.init_from)
     ema = EMA(model, recipe.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     state_path = Path(out_dir) / f"{recipe.name}.state.safetensors"

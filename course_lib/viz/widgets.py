@@ -1,5 +1,6 @@
 """Interactive viewers for the lessons: a slider over t, a slider over a sampler's trajectory,
-a dropdown over precomputed grids. Each is a function returning a `FrameViewer` widget.
+a dropdown over precomputed grids, a class dropdown with a guidance-scale slider. Each is a
+function returning a `FrameViewer` widget.
 
 Frames are rendered once, up front, to PNG bytes (cache=True), so moving a control only swaps
 bytes and answers at once even on a slow CPU. Every viewer also carries a static picture of
@@ -40,30 +41,39 @@ def _scale_for(width: int, scale: int | None) -> int:
 
 
 class FrameViewer(widgets.VBox):
-    """A control (slider or dropdown), the image of the selected frame and a caption under it.
+    """One or more controls (slider, dropdown), the image of the selected frame and a caption under it.
 
-    render(key) -> (png bytes, caption html) for each key the control can take. With
-    cache=True all frames are rendered here, once, and `frames` holds them; with cache=False a
-    frame is rendered each time the control moves. Attributes: control, image, caption, frames.
+    render(key) -> (png bytes, caption html) for each key the controls can take: the control's value,
+    or with several controls the tuple of their values. With cache=True all frames are rendered
+    here, once, and `frames` holds them; with cache=False a frame is rendered each time a control
+    moves. Attributes: control (the first control), controls, image, caption, frames.
     """
 
     def __init__(self, control, render: Callable[[Hashable], tuple], keys: Sequence, *, cache: bool = True):
         super().__init__()
+        self.controls = list(control) if isinstance(control, (list, tuple)) else [control]
+        self.control = self.controls[0]
         self.render_frame = render
         self.frames = {k: render(k) for k in keys} if cache else {}
-        png, caption = self.frame(control.value)
-        self.control = control
+        png, caption = self.frame(self.key())
         self.image = widgets.Image(value=png, format="png")
         self.caption = widgets.HTML(caption)
-        self.children = [control, self.image, self.caption]
-        control.observe(self._show, names="value")
+        bar = self.controls[0] if len(self.controls) == 1 else widgets.HBox(self.controls)
+        self.children = [bar, self.image, self.caption]
+        for c in self.controls:
+            c.observe(self._show, names="value")
+
+    def key(self):
+        """The key of the frame the controls select now."""
+        values = tuple(c.value for c in self.controls)
+        return values[0] if len(values) == 1 else values
 
     def frame(self, key) -> tuple:
         """(png bytes, caption html) of frame `key`: from the cache when there is one."""
         return self.frames[key] if key in self.frames else self.render_frame(key)
 
-    def _show(self, change):
-        png, caption = self.frame(change["new"])
+    def _show(self, change=None):
+        png, caption = self.frame(self.key())
         with self.hold_sync():
             self.image.value, self.caption.value = png, caption
 
@@ -160,3 +170,31 @@ def grid_selector(grids: Mapping[str, object], *, value: str | None = None, cach
     control = widgets.Dropdown(options=labels, value=labels[0] if value is None else value,
                                description=description)
     return FrameViewer(control, render, labels, cache=cache)
+
+
+def class_scale_viewer(grids: Mapping[tuple, object], *, class_names: Sequence[str] | None = None,
+                       scale_name: str = "scale", value: tuple | None = None, cache: bool = True, nrow: int = 8,
+                       scale: int | None = None, captions: Mapping[tuple, str] | None = None):
+    """A class dropdown and a guidance-scale slider over precomputed grids {(class, s): (N, C, H, W)}
+    (lessons 04-05: samples of each class at each guidance scale). class is an int index (named by
+    class_names) or "all"; s a number. captions: extra html per key (e.g. the row's accuracy)."""
+    if not grids:
+        raise ValueError("grids is empty: pass {(class, scale): images}")
+    classes = list(dict.fromkeys(k[0] for k in grids))
+    scales = sorted(dict.fromkeys(k[1] for k in grids))
+    missing = [(c, s) for c in classes for s in scales if (c, s) not in grids]
+    if missing:
+        raise ValueError(f"grids must hold every (class, scale) pair; missing {missing[:3]}")
+    name = (lambda c: class_names[c] if class_names is not None and isinstance(c, int) else str(c))
+    width = max(plots.grid_array(g, nrow=nrow).shape[1] for g in grids.values())
+
+    def render(key):
+        c, s = key
+        extra = (captions or {}).get(key, "")
+        caption = f"<b>{html.escape(name(c))}</b>, {html.escape(scale_name)} = {s:g}" + (f" &nbsp; {extra}" if extra else "")
+        return encode_png(plots.grid_array(grids[key], nrow=nrow), _scale_for(width, scale)), caption
+
+    start = (classes[0], scales[0]) if value is None else value
+    dropdown = widgets.Dropdown(options=[(name(c), c) for c in classes], value=start[0], description="class")
+    slider = widgets.SelectionSlider(options=scales, value=start[1], description=scale_name, continuous_update=True)
+    return FrameViewer([dropdown, slider], render, [(c, s) for c in classes for s in scales], cache=cache)

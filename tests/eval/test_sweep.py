@@ -53,3 +53,43 @@ def test_log_gets_one_line_per_row_and_n_below_2_is_an_error():
     assert len(lines) == 1 and "DDIM eta=0, 3 steps" in lines[0] and "FID" in lines[0]
     with pytest.raises(ValueError, match="at least 2"):
         sweep.fid_sweep(PixelEvaluator(), [sc.SamplerConfig(steps=3)], eps_fn, SCHEDULE, 1, log=None)
+
+
+class LabelEvaluator(PixelEvaluator):
+    """predict: class 1 when the mean pixel is positive, else 0; a fixed IS."""
+
+    def predict(self, x):
+        return (x.mean((1, 2, 3)) > 0).long()
+
+    def inception_score(self, x):
+        return 1.5
+
+
+def test_guided_sweep_rows_share_noise_and_ask_for_balanced_classes():
+    seen = []
+
+    def pushes(sign):
+        def fn(x, t, cond=None):
+            seen.append(cond.clone())
+            return eps_fn(x, t) - sign * (2 * cond.view(-1, 1, 1, 1).to(x.dtype) - 1)   # eps down: x up for class 1
+        return fn
+
+    ev = LabelEvaluator()
+    fns = {"toward": pushes(1.0), "away": pushes(-1.0), "toward again": pushes(1.0)}
+    rows = sweep.guided_sweep(ev, fns, SCHEDULE, 12, config=sc.SamplerConfig(steps=4), num_classes=2,
+                              shape=(1, 4, 4), batch_size=5, log=None)
+    assert [r.label for r in rows] == list(fns) and ev.calls == [12] * 3
+    assert rows[0].labels.tolist() == [0, 1] * 6 and seen[0].tolist() == [0, 1, 0, 1, 0]  # batch 1 of 5
+    assert torch.equal(rows[0].samples, rows[2].samples) and rows[0].samples.shape == (12, 1, 4, 4)
+    assert rows[0].accuracy == 1.0 and rows[1].accuracy == 0.0 and rows[0].inception_score == 1.5
+
+
+def test_by_class_groups_samples_and_guided_sweep_errors():
+    row = sweep.GuidedRow("x", 0.0, 1.0, 1.0, 0.0, torch.arange(6.0).view(6, 1, 1, 1), torch.tensor([0, 1, 0, 1, 0, 1]))
+    assert sweep.by_class(row, 2, num_classes=2).flatten().tolist() == [0.0, 2.0, 1.0, 3.0]
+    with pytest.raises(ValueError, match="class 0"):
+        sweep.by_class(row, 4, num_classes=2)
+    with pytest.raises(ValueError, match="empty"):
+        sweep.guided_sweep(LabelEvaluator(), {}, SCHEDULE, 4)
+    with pytest.raises(ValueError, match="at least 2"):
+        sweep.guided_sweep(LabelEvaluator(), {"a": eps_fn}, SCHEDULE, 1)

@@ -168,3 +168,21 @@ def test_every_shipped_checkpoint_loads_and_matches_its_card(name):
     model = checkpoints.load_pretrained(name)
     assert not model.training
     assert type(model) is type(recipes.get(name).build_model())
+
+
+def test_warm_start_adds_a_zero_class_embedding_and_keeps_the_output(shipped):
+    import dataclasses
+    source, _ = shipped
+    cfg = dataclasses.replace(recipes.get(NAME).model_config, num_classes=10)
+    model = checkpoints.warm_start(recipes.get(NAME).build_model().__class__(cfg), NAME)
+    assert torch.equal(model.class_embed.weight, torch.zeros_like(model.class_embed.weight))
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 400, 999])
+    with torch.no_grad():  # any label (or the null class) gives the source model's output at step 0
+        torch.testing.assert_close(model(x, t, torch.tensor([2, 7, 10])), source.eval()(x, t), rtol=0, atol=0)
+
+
+def test_warm_start_refuses_a_different_architecture(shipped):
+    import dataclasses
+    cfg = dataclasses.replace(recipes.get(NAME).model_config, base_channels=8)
+    with pytest.raises(CheckpointError, match="cannot warm-start from 'tiny_ddpm'"):
+        checkpoints.warm_start(recipes.get(NAME).build_model().__class__(cfg), NAME)

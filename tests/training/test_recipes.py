@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from course_lib.nn.classifier import FashionClassifier
+from course_lib.nn.classifier import FashionClassifier, NoisyClassifier
 from course_lib.nn.unet import UNet
 from course_lib.training import recipes
 
@@ -22,6 +22,9 @@ def test_every_recipe_builds_and_runs_its_model(name):
             assert out.shape == (1, model.config.out_channels, 28, 28)
             sched = r.noise_schedule()
             assert sched.T == r.T and r.noise_schedule() is sched  # computed once
+        elif r.task == "noisy_classify":
+            assert isinstance(model, NoisyClassifier)
+            assert model(x, torch.tensor([r.T - 1])).shape == (1, 10)
         else:
             assert isinstance(model, FashionClassifier)
             assert model(x).shape == (1, 10)
@@ -42,3 +45,17 @@ def test_recipe_errors():
         dataclasses.replace(r, model_config=object()).build_model()
     with pytest.raises(ValueError, match="unknown dataset"):
         dataclasses.replace(r, data="cifar").load_data()
+
+
+def test_fashion_cond_is_the_fashion_ddpm_model_with_classes_and_label_dropout():
+    cond, uncond = recipes.get("fashion_cond"), recipes.get("fashion_ddpm")
+    assert cond.model_config == dataclasses.replace(uncond.model_config, num_classes=10)
+    assert cond.label_dropout == 0.1 and uncond.label_dropout == 0.0
+    assert (cond.batch_size, cond.schedule, cond.T) == (uncond.batch_size, uncond.schedule, uncond.T)
+    assert cond.init_from == "fashion_ddpm" and uncond.init_from is None
+
+
+def test_fashion_noisy_classifier_shares_the_diffusion_schedule():
+    clf, ddpm = recipes.get("fashion_noisy_classifier"), recipes.get("fashion_ddpm")
+    assert clf.task == "noisy_classify"
+    assert (clf.schedule, clf.T) == (ddpm.schedule, ddpm.T)

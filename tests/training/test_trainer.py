@@ -27,8 +27,9 @@ def _assert_bitwise_equal(a, b):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True])
-def test_exact_resume(tmp_path, bf16):
+def test_exact_resume(tmp_path, monkeypatch, bf16):
     """3 steps, stop, a new call resumes to 6: the same weights, EMA and losses as 6 straight steps."""
+    monkeypatch.setenv("COURSE_BF16", "1" if bf16 else "0")   # bf16 autocast even on a CPU without native bf16
     recipe, data = _tiny(bf16=bf16), _data()
     straight = trainer.train(recipe, tmp_path / "straight", data=data, progress=False, log_every=1)
     first = trainer.train(recipe, tmp_path / "resumed", steps=3, data=data, progress=False, log_every=1)
@@ -120,3 +121,27 @@ def test_diffusion_loss_with_labels_and_learned_variance(monkeypatch):
     assert loss.dim() == 0 and torch.isfinite(loss)
     kept = seen[0] == y
     assert kept.any() and (~kept).any() and bool((seen[0][~kept] == 10).all())
+
+
+def test_init_from_starts_from_the_shipped_weights(tmp_path, monkeypatch):
+    """A warm-started class-conditional recipe: at step 0 it is the unconditional source for every label,
+    and training from there moves the class embedding away from zero."""
+    from course_lib.training import checkpoints
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_DIR", tmp_path)
+    torch.manual_seed(1)
+    source = recipes.get("tiny_ddpm").build_model()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.01 * torch.randn(p.shape))
+    path = tmp_path / "tiny_ddpm.safetensors"
+    checkpoints.save_checkpoint(path, source)
+    checkpoints.write_card(tmp_path / "tiny_ddpm.json", {"sha256": checkpoints.sha256(path)})
+    cfg = dataclasses.replace(recipes.get("tiny_ddpm").model_config, num_classes=10)
+    recipe = _tiny(model_config=cfg, init_from="tiny_ddpm", label_dropout=0.1)
+    start = trainer.train(recipe, tmp_path / "run0", steps=0, data=_data(8), progress=False)
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 150])
+    with torch.no_grad():
+        for y in (torch.tensor([0, 9]), torch.tensor([10, 10])):
+            torch.testing.assert_close(start.model(x, t, y), source.eval()(x, t), rtol=0, atol=0)
+    moved = trainer.train(recipe, tmp_path / "run3", steps=3, data=_data(8), progress=False)
+    assert moved.raw_model.class_embed.weight.abs().sum() > 0

@@ -133,3 +133,25 @@ def test_grid_selector_switches_between_cached_grids():
     assert w.image.value == w.frames["class 1"][0] != w.frames["class <0>"][0]
     with pytest.raises(ValueError, match="empty"):
         widgets.grid_selector({})
+
+
+def test_class_scale_viewer_has_two_controls_and_shows_each_pair():
+    grids = {(c, s): _images(4, seed=10 * c + int(2 * s)) for c in (0, 1, 2) for s in (0.0, 1.0, 2.5)}
+    w = widgets.class_scale_viewer(grids, class_names=["tee", "trouser", "pullover"], scale_name="s",
+                                   captions={(1, 2.5): "accuracy 93%"})
+    dropdown, slider = w.controls
+    assert isinstance(dropdown, ipywidgets.Dropdown) and isinstance(slider, ipywidgets.SelectionSlider)
+    assert list(slider.options) == [0.0, 1.0, 2.5] and len(w.frames) == 9
+    assert w.key() == (0, 0.0) and "tee" in w.caption.value
+    first = w.image.value
+    dropdown.value, slider.value = 1, 2.5
+    assert w.key() == (1, 2.5) and w.image.value == w.frames[(1, 2.5)][0] != first
+    assert "trouser" in w.caption.value and "s = 2.5" in w.caption.value and "accuracy 93%" in w.caption.value
+    assert "image/png" in w._repr_mimebundle_()
+
+
+def test_class_scale_viewer_refuses_missing_pairs_and_empty_grids():
+    with pytest.raises(ValueError, match="every"):
+        widgets.class_scale_viewer({(0, 1.0): _images(), (1, 2.0): _images()})
+    with pytest.raises(ValueError, match="empty"):
+        widgets.class_scale_viewer({})
