@@ -51,6 +51,7 @@ class Recipe:
     eval_samples: int = 1000        # samples drawn for the card's FID
     eval_steps: int = 100           # respaced sampling steps for the card's FID
     init_from: str | None = None    # warm start: a shipped checkpoint whose weights the model starts from
+    class_embed_lr_mult: float = 1.0  # learning rate of the class embedding, as a multiple of lr
 
     def build_model(self) -> torch.nn.Module:
         if isinstance(self.model_config, UNetConfig):
@@ -82,9 +83,12 @@ RECIPES = {r.name: r for r in [
            "Class-conditional eps-prediction ADM UNet (class embedding added to the timestep embedding, "
            "null class 10, label dropout 0.1 so one model is conditional and unconditional), learned variance, "
            "cosine schedule, T=1000. Warm-started from fashion_ddpm with a zero class embedding, so step 0 "
-           "is exactly the unconditional model and training only has to learn what the label adds.",
+           "is exactly the unconditional model and training only has to learn what the label adds; the "
+           "class embedding learns 20x faster than the rest (at 1x, 500 steps left the labels almost unused: "
+           "15% class accuracy) and the EMA is short (0.995) because the run is.",
            preset("fashion", learn_sigma=True, num_classes=10), task="diffusion", steps=1200, batch_size=64,
-           lr=1e-3, warmup=50, label_dropout=0.1, init_from="fashion_ddpm", eval_samples=500, eval_steps=50),
+           lr=1e-3, warmup=50, label_dropout=0.1, init_from="fashion_ddpm", class_embed_lr_mult=20.0,
+           ema_decay=0.995, eval_samples=500, eval_steps=50),
     Recipe("fashion_noisy_classifier",
            "Noise-aware classifier p(y | x_t, t) for classifier guidance (ADM: the UNet's downsampling half "
            "with attention pooling), trained on q_sample(x0, t) over all t, cosine schedule, T=1000.",

@@ -75,6 +75,17 @@ TASKS: dict[str, Callable] = {"diffusion": diffusion_loss, "classify": classify_
                               "noisy_classify": noisy_classify_loss}
 
 
+def param_groups(model, recipe) -> list:
+    """AdamW's parameter groups: the class embedding at recipe.class_embed_lr_mult times the learning
+    rate (a warm start's only new weights, which start at zero), everything else at the rate itself."""
+    embed = [p for n, p in model.named_parameters() if n.startswith("class_embed.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("class_embed.")]
+    groups = [{"params": rest, "lr_mult": 1.0}]
+    if embed:
+        groups.append({"params": embed, "lr_mult": recipe.class_embed_lr_mult})
+    return groups
+
+
 def lr_at(recipe, step: int) -> float:
     return recipe.lr * min(1.0, (step + 1) / max(1, recipe.warmup))
 
@@ -94,7 +105,7 @@ def train(recipe, out_dir, *, steps: int | None = None, resume: bool = True, pro
     if recipe.init_from:
         checkpoints.warm_start(model, recipe.init_from)
     ema = EMA(model, recipe.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr, weight_decay=recipe.weight_decay)
     state_path = Path(out_dir) / f"{recipe.name}.state.safetensors"
     start, earlier = 0, 0.0
     if resume and state_path.exists():
@@ -109,7 +120,7 @@ def train(recipe, out_dir, *, steps: int | None = None, resume: bool = True, pro
         torch.manual_seed(recipe.seed * 1_000_003 + step)  # dropout inside the model
         idx = torch.randint(0, images.shape[0], (recipe.batch_size,), generator=g)
         for group in opt.param_groups:
-            group["lr"] = lr_at(recipe, step)
+            group["lr"] = lr_at(recipe, step) * group["lr_mult"]
         loss = loss_fn(model, recipe, images[idx], labels[idx], g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
