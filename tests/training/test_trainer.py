@@ -145,3 +145,13 @@ def test_init_from_starts_from_the_shipped_weights(tmp_path, monkeypatch):
             torch.testing.assert_close(start.model(x, t, y), source.eval()(x, t), rtol=0, atol=0)
     moved = trainer.train(recipe, tmp_path / "run3", steps=3, data=_data(8), progress=False)
     assert moved.raw_model.class_embed.weight.abs().sum() > 0
+
+
+def test_class_embedding_learning_rate_multiplier():
+    cfg = dataclasses.replace(recipes.get("tiny_ddpm").model_config, num_classes=10)
+    recipe = _tiny(model_config=cfg, class_embed_lr_mult=20.0)
+    model = recipe.build_model()
+    rest, embed = trainer.param_groups(model, recipe)
+    assert [p is model.class_embed.weight for p in embed["params"]] == [True] and embed["lr_mult"] == 20.0
+    assert rest["lr_mult"] == 1.0 and len(rest["params"]) == len(list(model.parameters())) - 1
+    assert len(trainer.param_groups(recipes.get("tiny_ddpm").build_model(), recipe)) == 1   # no class embedding
