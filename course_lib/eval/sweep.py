@@ -94,7 +94,7 @@ def guided_sweep(evaluator, eps_fns: Mapping[str, Callable], schedule, n: int, *
                                                 cond=y[i:i + batch_size], generator=generator)
                              for i in range(0, n, batch_size)])
         seconds = time.time() - t0
-        accuracy = float((evaluator.predict(samples) == y).float().mean())
+        accuracy = float((evaluator.predict(samples) == y).double().mean())
         rows.append(GuidedRow(label, evaluator.fid(samples), accuracy, evaluator.inception_score(samples),
                               seconds, samples, y))
         if log is not None:
