@@ -5,6 +5,7 @@ every cell still runs. `pick(quick=..., full=...)` returns the value for this sp
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -25,15 +26,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _cpu_flags() -> set:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo, read once per process (autocast asks every forward)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def bf16_is_fast(device_type: str = "cpu") -> bool:
