@@ -47,12 +47,13 @@ def _train(args) -> int:
     from course_lib.nn.unet import count_parameters
     from course_lib.training import recipes, trainer
     recipe = recipes.get(args.recipe)
-    out = Path(args.out)
+    out = checkpoints.check_out_dir(checkpoints.CHECKPOINT_DIR if args.out is None else args.out)
+    if args.out is None and not args.force:
+        checkpoints.refuse_shipped(out, recipe.name)   # shipped checkpoints are replaced only when asked
     steps = recipe.steps if args.steps is None else args.steps
     result = trainer.train(recipe, out, steps=steps, resume=not args.no_resume)
-    seconds = result.seconds
+    seconds, steps = result.seconds, result.steps      # the card records the steps actually trained
     path = out / f"{recipe.name}.safetensors"
-    checkpoints.save_checkpoint(path, result.model, {"recipe": recipe.name, "steps": steps})
     train_info = {"steps": steps, "wall_seconds": round(seconds, 1),
                   "seconds_per_step": round(seconds / max(1, steps), 4),
                   "hardware": hardware(), "torch": torch.__version__,
@@ -62,29 +63,33 @@ def _train(args) -> int:
     if recipe.init_from:
         train_info["init_from"] = {"name": recipe.init_from,
                                    "sha256": checkpoints.read_card(recipe.init_from)["sha256"]}
-    (out / f"{recipe.name}.train.json").write_text(json.dumps(train_info, indent=2) + "\n")
+    from course_lib.eval import report
+    metrics = report.measure(recipe, result.model)     # measured first: a kill here leaves the old pair
+    checkpoints.save_pair(path, result.model, _card(recipe, train_info, metrics))   # weights + card, one unit
     print(f"saved {path} after {steps} steps in {seconds:.0f} s")
-    return _evaluate(argparse.Namespace(name=recipe.name, out=str(out)))
+    print(json.dumps(metrics, indent=2))
+    return 0
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+def _card(recipe, train_info: dict, metrics: dict) -> dict:
+    """Every field of the card except the file's own (save_pair adds file, bytes and sha256)."""
+    return {"name": recipe.name, "description": recipe.description,
+            "recipe": {k: (repr(v) if k == "model_config" else v) for k, v in vars(recipe).items()},
+            **train_info, "metrics": metrics, "measured": time.strftime("%Y-%m-%d")}
 
 
 def _evaluate(args) -> int:
     from course_lib.eval import report
     from course_lib.training import recipes
     recipe = recipes.get(args.name)
-    out = Path(args.out)
-    path = out / f"{recipe.name}.safetensors"
-    model = checkpoints.load_weights(recipe.build_model(), path, rebuild=f"course train {recipe.name}").eval()
-    metrics = report.measure(recipe, model)
-    card = {"name": recipe.name, "description": recipe.description,
-            "recipe": {k: (repr(v) if k == "model_config" else v) for k, v in vars(recipe).items()},
-            **_read_json(out / f"{recipe.name}.train.json"),
-            "file": path.name, "bytes": path.stat().st_size, "sha256": checkpoints.sha256(path),
-            "metrics": metrics, "measured": time.strftime("%Y-%m-%d")}
-    checkpoints.write_card(out / f"{recipe.name}.json", card)
+    path = Path(args.out) / f"{recipe.name}.safetensors"
+    checkpoints.recover_pair(path)                     # finish a commit a killed `course train` left
+    model, old = checkpoints.load_verified(recipe.build_model(), path,   # refuses a sha256 the card lacks
+                                           hint=f"Rebuild it with `course train {recipe.name}`.")
+    metrics = report.measure(recipe, model.eval())
+    fields = {k: old[k] for k in ("file", "bytes", "sha256") if k in old}   # the verified file's, unchanged
+    card = {**old, **_card(recipe, {}, metrics), **fields}
+    checkpoints.write_card(checkpoints.card_path(path), card)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -96,7 +101,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("train", help="train a recipe and write its checkpoint and card")
     p.add_argument("recipe")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
-    p.add_argument("--out", default=str(checkpoints.CHECKPOINT_DIR), help="output folder")
+    p.add_argument("--out", default=None, help=f"output folder (default {checkpoints.CHECKPOINT_DIR}, where "
+                   "a shipped checkpoint is replaced only when --out names it or with --force)")
+    p.add_argument("--force", action="store_true", help="replace a shipped checkpoint in the default folder")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if a state file exists")
     p.set_defaults(func=_train)
     p = sub.add_parser("evaluate", help="measure a trained checkpoint and rewrite its card")
