@@ -1,0 +1,194 @@
+"""Caption accuracy: does an image show what its caption asks for? The metric of lessons 06-09.
+
+The judge is the shipped attribute classifier `shapes_attributes` (nn.attributes), trained on
+ground-truth renders and never used for guidance. It reads each image's scene code; an image is
+right when every attribute its caption names matches (sizes and positions the caption leaves out
+are not checked). Wrong images are sorted into one error kind each, checked in this order:
+
+- "missing object": the caption names two shapes, the image shows one;
+- "extra object":   the caption names one shape, the image shows two;
+- "wrong relation": two objects, but side by side instead of stacked (or the reverse), or the two
+                    objects in swapped places (a red circle left of a blue square drawn as the blue
+                    square left of the red circle);
+- "colors swapped": each shape in its place, but wearing the other object's color;
+- "wrong shape", "wrong color", "wrong size", "wrong position": the first wrong attribute found.
+
+`caption_accuracy(images, attributes)` takes attributes as Scenes (data.shapes.Scene, e.g. from
+`parse_caption`), caption strings, or scene codes, one per image or one for all.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from course_lib.data import shapes
+
+ERROR_KINDS = ("missing object", "extra object", "wrong relation", "colors swapped", "wrong shape",
+               "wrong color", "wrong size", "wrong position")
+F = {f: i for i, f in enumerate(shapes.LABEL_FIELDS)}
+
+
+class CaptionAccuracy(NamedTuple):
+    accuracy: float        # share of images whose every captioned attribute is right
+    correct: torch.Tensor  # (B,) bool
+    errors: dict           # error kind -> share of all images with that error (ERROR_KINDS order)
+    kinds: list            # per image: None (right) or its error kind
+    n: int                 # number of images
+
+
+@functools.lru_cache(maxsize=1)
+def _judge():
+    from course_lib.training.checkpoints import load_pretrained
+    return load_pretrained("shapes_attributes")
+
+
+def judge():
+    """The shipped attribute classifier (eval mode), loaded once per process."""
+    return _judge()
+
+
+def as_codes(attributes, n: int) -> torch.Tensor:
+    """Attributes as scene codes (n, 9): from Scenes, caption strings, or codes; one item repeats n times."""
+    if isinstance(attributes, (str, shapes.Scene)):
+        attributes = [attributes]
+    if isinstance(attributes, torch.Tensor):
+        codes = attributes.long().reshape(-1, len(shapes.LABEL_FIELDS))
+    else:
+        items = list(attributes)
+        codes = torch.tensor([(shapes.parse_caption(a) if isinstance(a, str) else a).code() for a in items],
+                             dtype=torch.long).reshape(-1, len(shapes.LABEL_FIELDS))
+    if codes.shape[0] == 1 and n != 1:
+        codes = codes.expand(n, -1)
+    if codes.shape[0] != n:
+        raise ValueError(f"caption_accuracy needs one set of attributes per image or one for all: "
+                         f"{n} images, {codes.shape[0]} attributes")
+    return codes
+
+
+def _obj(code, k):
+    return code[[F[f"shape{k}"], F[f"color{k}"], F[f"size{k}"]]]
+
+
+def _obj_ok(want, got) -> bool:
+    return all(w < 0 or w == g for w, g in zip(want.tolist(), got.tolist()))
+
+
+def error_kind(want: torch.Tensor, got: torch.Tensor):
+    """The error kind of one image (None when right): want is the caption's code, got the judge's."""
+    n_want, n_got = int(want[0]), int(got[0])
+    if n_want == 1 and n_got == 0:
+        return "missing object"
+    if n_want == 0 and n_got == 1:
+        return "extra object"
+    if n_want == 1:
+        w0, w1, g0, g1 = _obj(want, 0), _obj(want, 1), _obj(got, 0), _obj(got, 1)
+        if int(want[F["axis"]]) != int(got[F["axis"]]):
+            return "wrong relation"
+        if _obj_ok(w0, g0) and _obj_ok(w1, g1):
+            return None
+        if _obj_ok(w0, g1) and _obj_ok(w1, g0):
+            return "wrong relation"
+        shapes_ok = int(w0[0]) == int(g0[0]) and int(w1[0]) == int(g1[0])
+        if shapes_ok and int(w0[1]) == int(g1[1]) and int(w1[1]) == int(g0[1]) and int(w0[1]) != int(w1[1]):
+            return "colors swapped"
+        pairs = [(w0, g0), (w1, g1)]
+    else:
+        pairs = [(_obj(want, 0), _obj(got, 0))]
+    for j, kind in enumerate(("wrong shape", "wrong color", "wrong size")):
+        if any(int(w[j]) >= 0 and int(w[j]) != int(g[j]) for w, g in pairs):
+            return kind
+    if n_want == 0 and int(want[F["position"]]) >= 0 and int(want[F["position"]]) != int(got[F["position"]]):
+        return "wrong position"
+    return None
+
+
+def score_codes(want: torch.Tensor, got: torch.Tensor) -> CaptionAccuracy:
+    """Caption accuracy from codes: want (B, 9) the captions', got (B, 9) what the images show."""
+    kinds = [error_kind(w, g) for w, g in zip(want, got)]
+    correct = torch.tensor([k is None for k in kinds], dtype=torch.bool)
+    n = len(kinds)
+    errors = {k: (sum(1 for x in kinds if x == k) / n if n else 0.0) for k in ERROR_KINDS}
+    return CaptionAccuracy(float(correct.float().mean()) if n else float("nan"), correct, errors, kinds, n)
+
+
+def check_images(images) -> None:
+    """Images for the judge: a float tensor (B, 3, 32 or 64, same) with values in [-1, 1]."""
+    if not isinstance(images, torch.Tensor) or not images.dtype.is_floating_point:
+        raise TypeError(f"images must be a floating-point tensor, got {getattr(images, 'dtype', type(images).__name__)}")
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[-1] != images.shape[-2] \
+            or images.shape[-1] not in shapes.IMAGE_SIZES:
+        raise ValueError(f"images must be (B, 3, 32, 32) or (B, 3, 64, 64), got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or inf")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1.001 or hi > 1.001:
+        raise ValueError(f"images must lie in [-1, 1] (clamp samples first), got values in [{lo:.3f}, {hi:.3f}]")
+
+
+def caption_accuracy(images: torch.Tensor, attributes, classifier=None) -> CaptionAccuracy:
+    """Share of images whose every captioned attribute is right, with the error breakdown.
+
+    images (B, 3, 32 or 64, same) in [-1, 1]; attributes: Scenes, captions or codes (one per image,
+    or one for all); classifier: the judge (default: the shipped `shapes_attributes`).
+    """
+    from course_lib.nn.attributes import predict_codes
+    check_images(images)
+    want = as_codes(attributes, images.shape[0])
+    model = classifier if classifier is not None else judge()
+    device = next(model.parameters()).device
+    got = predict_codes(model, images.to(device)).cpu()
+    return score_codes(want, got)
+
+
+def format_errors(result: CaptionAccuracy) -> str:
+    """One line: accuracy, then each error kind that occurred, as percentages."""
+    parts = [f"{k} {100 * v:.1f}%" for k, v in result.errors.items() if v > 0]
+    return f"caption accuracy {100 * result.accuracy:.1f}% of {result.n}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+@torch.no_grad()
+def features(images: torch.Tensor, classifier=None, batch_size: int = 500) -> torch.Tensor:
+    """The judge's shared features (B, hidden), for a Frechet distance to real scenes."""
+    check_images(images)
+    model = classifier if classifier is not None else judge()
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model.embed(images[i:i + batch_size].to(device)).double().cpu()
+                      for i in range(0, images.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def field_accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> dict:
+    """Per-field test accuracy of the judge {field: share right}, over the items the field applies to."""
+    from course_lib.nn.attributes import split_logits
+    model.eval()
+    device = next(model.parameters()).device
+    right = {f: 0 for f in shapes.LABEL_FIELDS}
+    total = {f: int((labels[:, j] >= 0).sum()) for j, f in enumerate(shapes.LABEL_FIELDS)}
+    for i in range(0, images.shape[0], batch_size):
+        parts = split_logits(model(images[i:i + batch_size].to(device)).float().cpu())
+        lab = labels[i:i + batch_size]
+        for j, f in enumerate(shapes.LABEL_FIELDS):
+            ok = lab[:, j] >= 0
+            right[f] += int((parts[f].argmax(1)[ok] == lab[ok, j]).sum())
+    return {f: right[f] / total[f] for f in shapes.LABEL_FIELDS if total[f]}
+
+
+def judge_metrics(model, seed: int = 0, n: int = 2000) -> dict:
+    """The attribute classifier's card: per-field accuracy on n test renders at 32 and at 64 px, and
+    the caption accuracy of those renders against their own captions (the metric's ceiling)."""
+    out = {}
+    for size in shapes.IMAGE_SIZES:
+        d = shapes.ShapesDataset("test", size, n, seed)
+        acc = field_accuracy(model, d.images, d.labels)
+        cap = caption_accuracy(d.images, d.captions, classifier=model)
+        out[f"test_{size}px"] = {"field_accuracy": {f: round(a, 4) for f, a in acc.items()},
+                                 "min_field_accuracy": round(min(acc.values()), 4),
+                                 "caption_accuracy_of_real_renders": round(cap.accuracy, 4),
+                                 "errors": {k: round(v, 4) for k, v in cap.errors.items() if v}}
+    out["test_items"] = n
+    return out
