@@ -19,6 +19,7 @@ are not checked). Wrong images are sorted into one error kind each, checked in t
 from __future__ import annotations
 
 import functools
+import time
 from typing import NamedTuple
 
 import torch
@@ -192,3 +193,51 @@ def judge_metrics(model, seed: int = 0, n: int = 2000) -> dict:
                                  "errors": {k: round(v, 4) for k, v in cap.errors.items() if v}}
     out["test_items"] = n
     return out
+
+
+def scene_fid(samples: torch.Tensor, reference: torch.Tensor, classifier=None) -> float:
+    """Frechet distance between samples and reference scenes in the judge's feature space."""
+    from course_lib.eval.fid import fid_from_features
+    return fid_from_features(features(samples, classifier), features(reference, classifier))
+
+
+@torch.no_grad()
+def readable_share(images: torch.Tensor, classifier=None, threshold: float = 0.9) -> float:
+    """Share of images the judge reads with confidence: every field that applies to its predicted
+    count has a top probability above `threshold` (blurred, half-formed or chimeric shapes fail)."""
+    from course_lib.nn.attributes import split_logits
+    check_images(images)
+    model = classifier if classifier is not None else judge()
+    model.eval()
+    device = next(model.parameters()).device
+    ok = []
+    for i in range(0, images.shape[0], 500):
+        logits = split_logits(model(images[i:i + 500].to(device)).float())
+        parts = {f: lg.softmax(1).max(1).values for f, lg in logits.items()}
+        two = logits["count"].argmax(1) == 1
+        common = torch.stack([parts[f] for f in ("count", "shape0", "color0", "size0")], 1).min(1).values
+        pair = torch.stack([parts[f] for f in ("shape1", "color1", "size1", "axis")], 1).min(1).values
+        ok.append(torch.where(two, torch.minimum(common, pair), torch.minimum(common, parts["position"])) > threshold)
+    return float(torch.cat(ok).float().mean().cpu())
+
+
+def diffusion_metrics(recipe, model) -> dict:
+    """An unconditional shapes model's card: scene FID in the judge's features against the test
+    renders (and the real-vs-real floor at the same count), the share of readable scenes, and the
+    share of two-object scenes (the data has 60%)."""
+    from course_lib.eval.report import sample_images
+    n = recipe.eval_samples
+    t0 = time.time()
+    x = sample_images(recipe, model, n, recipe.eval_steps).clamp(-1, 1)
+    seconds = time.time() - t0
+    test = shapes.ShapesDataset("test", recipe.image_size, 2 * n, recipe.seed).images
+    other = shapes.ShapesDataset("test", recipe.image_size, 3 * n, recipe.seed + 1).images[2 * n:]
+    from course_lib.nn.attributes import predict_codes
+    codes = predict_codes(judge(), x)
+    variance = "learned" if model.config.learn_sigma else "small"
+    return {"scene_fid": round(scene_fid(x, test[:n]), 3), "real_vs_real_scene_fid": round(scene_fid(other, test[n:]), 3),
+            "fid_samples": n, "fid_features": "shapes_attributes' shared features (256-d), against test renders",
+            "readable_share": round(readable_share(x), 4), "readable_share_of_real": round(readable_share(test[:n]), 4),
+            "two_object_share": round(float((codes[:, 0] == 1).float().mean()), 4),
+            "sampler": f"DDPM, {recipe.eval_steps} respaced steps, {variance} variance",
+            "seconds_per_sample": round(seconds / n, 4)}

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from course_lib.diffusion.schedules import NoiseSchedule, schedule as make_schedule
+from course_lib.models.clip import ClipConfig, NoisyCLIP, NoisyClipConfig, ShapesCLIP
+from course_lib.nn.attributes import AttributeClassifier, AttributeClassifierConfig
 from course_lib.nn.classifier import ClassifierConfig, FashionClassifier, NoisyClassifier, NoisyClassifierConfig
 from course_lib.nn.unet import UNet, UNetConfig, preset
 
@@ -25,6 +27,13 @@ def _schedule(name: str, T: int) -> NoiseSchedule:
 def _fashion(split: str):
     from course_lib.data import fashion_mnist
     d = fashion_mnist.load(split)
+    return d.images, d.labels
+
+
+@functools.lru_cache(maxsize=4)
+def _shapes(split: str, size: int, n: int, seed: int):
+    from course_lib.data.shapes import ShapesDataset
+    d = ShapesDataset(split, size, n, seed)
     return d.images, d.labels
 
 
@@ -52,6 +61,8 @@ class Recipe:
     eval_steps: int = 100           # respaced sampling steps for the card's FID
     init_from: str | None = None    # warm start: a shipped checkpoint whose weights the model starts from
     class_embed_lr_mult: float = 1.0  # learning rate of the class embedding, as a multiple of lr
+    data_size: int = 0              # shapes: items rendered for training (0: the dataset's own split)
+    image_size: int = 32            # shapes: render size
 
     def build_model(self) -> torch.nn.Module:
         if isinstance(self.model_config, UNetConfig):
@@ -60,15 +71,25 @@ class Recipe:
             return FashionClassifier(self.model_config)
         if isinstance(self.model_config, NoisyClassifierConfig):
             return NoisyClassifier(self.model_config)
+        if isinstance(self.model_config, AttributeClassifierConfig):
+            return AttributeClassifier(self.model_config)
+        if isinstance(self.model_config, ClipConfig):
+            return ShapesCLIP(self.model_config)
+        if isinstance(self.model_config, NoisyClipConfig):
+            return NoisyCLIP(self.model_config)
         raise TypeError(f"recipe {self.name}: no model for {type(self.model_config).__name__}")
 
     def noise_schedule(self) -> NoiseSchedule:
         return _schedule(self.schedule, self.T)
 
     def load_data(self, split: str = "train"):
-        if self.data != "fashion_mnist":
-            raise ValueError(f"recipe {self.name}: unknown dataset {self.data!r}")
-        return _fashion(split)
+        """(images, labels) of a split: Fashion-MNIST, or `data_size` shapes scenes (test: 2000)
+        rendered at `image_size` from the recipe's seed, labels their scene codes."""
+        if self.data == "fashion_mnist":
+            return _fashion(split)
+        if self.data == "shapes":
+            return _shapes(split, self.image_size, self.data_size if split == "train" else 2000, self.seed)
+        raise ValueError(f"recipe {self.name}: unknown dataset {self.data!r}")
 
 
 RECIPES = {r.name: r for r in [
@@ -94,6 +115,32 @@ RECIPES = {r.name: r for r in [
            "with attention pooling), trained on q_sample(x0, t) over all t, cosine schedule, T=1000.",
            NoisyClassifierConfig(), task="noisy_classify", steps=2000, batch_size=128, lr=1e-3, warmup=100,
            weight_decay=0.05, ema_decay=0.999),
+    Recipe("shapes_attributes",
+           "Evaluation attribute classifier of the shapes world: reads object count, each object's shape, "
+           "color and size, and the position (one object) or axis (two objects) from 32x32 or 64x64 renders "
+           "(64 is average-pooled to 32). The judge of caption accuracy; never used for guidance.",
+           AttributeClassifierConfig(), task="attributes", steps=3000, batch_size=128, lr=2e-3, warmup=100,
+           weight_decay=1e-4, ema_decay=0.998, data="shapes", data_size=40_000),
+    Recipe("shapes_clip",
+           "A tiny CLIP built by open_clip (architecture shapes-tiny-clip: ViT with 8x8 patches on 32x32, "
+           "4 layers, width 128; causal text transformer, 3 layers, width 128, 20 tokens of open_clip's BPE "
+           "mapped to the shapes world's words; 128-d joint space), trained with the symmetric InfoNCE "
+           "loss on renders and paraphrased captions (sizes left out 30% of the time, a single object's "
+           "position 20%); scenes sharing a caption count as positives of each other.",
+           ClipConfig(), task="clip", steps=3000, batch_size=128, lr=1e-3, warmup=200, weight_decay=0.1,
+           ema_decay=0.998, data="shapes", data_size=40_000),
+    Recipe("shapes_noisy_clip",
+           "Noise-aware CLIP (GLIDE sec. 2.4): shapes_clip's text tower and temperature, frozen, and a copy "
+           "of its image tower that also takes t (a timestep embedding added to every token, zero-initialised "
+           "so step 0 is the clean CLIP), trained contrastively on x_t = q_sample(x0, t), t uniform over "
+           "0..999 of the cosine schedule, against the frozen text embeddings.",
+           NoisyClipConfig(), task="noisy_clip", steps=3000, batch_size=128, lr=5e-4, warmup=100,
+           weight_decay=0.1, ema_decay=0.998, data="shapes", data_size=40_000, init_from="shapes_clip"),
+    Recipe("shapes_ddpm",
+           "Unconditional eps-prediction ADM UNet on 32x32 RGB shapes scenes (the model CLIP guidance steers "
+           "in lesson 06), cosine schedule, T=1000, fixed small variance.",
+           preset("shapes"), task="diffusion", steps=8000, batch_size=64, lr=1e-3, warmup=200,
+           checkpoint_every=250, data="shapes", data_size=30_000, eval_samples=500, eval_steps=50),
     Recipe("tiny_ddpm",
            "A toy UNet for tests and the visible training demonstration of lesson 02 (not shipped).",
            preset("tiny"), task="diffusion", steps=200, batch_size=32, lr=1e-3, warmup=20,
