@@ -198,3 +198,38 @@ def class_scale_viewer(grids: Mapping[tuple, object], *, class_names: Sequence[s
     dropdown = widgets.Dropdown(options=[(name(c), c) for c in classes], value=start[0], description="class")
     slider = widgets.SelectionSlider(options=scales, value=start[1], description=scale_name, continuous_update=True)
     return FrameViewer([dropdown, slider], render, [(c, s) for c in classes for s in scales], cache=cache)
+
+
+def prompt_scale_viewer(grids: Mapping[tuple, object], *, scale_name: str = "scale", value: tuple | None = None,
+                        cache: bool = True, nrow: int = 8, scale: int | None = None,
+                        captions: Mapping[tuple, str] | None = None):
+    """A prompt box and a guidance-scale slider over precomputed grids {(prompt, s): (N, C, H, W)}
+    (lesson 06 on: samples of each cached prompt at each guidance scale). The box is a Combobox: it
+    suggests the cached prompts as the learner types; a prompt that was not cached shows a grey
+    frame and says which prompts were. captions: extra html per key (e.g. the row's caption accuracy)."""
+    if not grids:
+        raise ValueError("grids is empty: pass {(prompt, scale): images}")
+    prompts = list(dict.fromkeys(k[0] for k in grids))
+    scales = sorted(dict.fromkeys(k[1] for k in grids))
+    missing = [(p, s) for p in prompts for s in scales if (p, s) not in grids]
+    if missing:
+        raise ValueError(f"grids must hold every (prompt, scale) pair; missing {missing[:3]}")
+    first = plots.grid_array(next(iter(grids.values())), nrow=nrow)
+    width = max(plots.grid_array(g, nrow=nrow).shape[1] for g in grids.values())
+
+    def render(key):
+        p, s = key
+        if (p, s) not in grids:
+            known = "; ".join(html.escape(q) for q in prompts)
+            blank = np.full_like(first, 0.5)
+            return encode_png(blank, _scale_for(width, scale)), (
+                f"<b>{html.escape(str(p))}</b> was not sampled in advance. Cached prompts: {known}")
+        extra = (captions or {}).get(key, "")
+        caption = f"<b>{html.escape(p)}</b>, {html.escape(scale_name)} = {s:g}" + (f" &nbsp; {extra}" if extra else "")
+        return encode_png(plots.grid_array(grids[key], nrow=nrow), _scale_for(width, scale)), caption
+
+    start = (prompts[0], scales[0]) if value is None else value
+    box = widgets.Combobox(options=prompts, value=start[0], description="prompt", ensure_option=False,
+                           placeholder="type a caption", layout=widgets.Layout(width="420px"))
+    slider = widgets.SelectionSlider(options=scales, value=start[1], description=scale_name, continuous_update=True)
+    return FrameViewer([box, slider], render, [(p, s) for p in prompts for s in scales], cache=cache)

@@ -155,3 +155,21 @@ def test_class_scale_viewer_refuses_missing_pairs_and_empty_grids():
         widgets.class_scale_viewer({(0, 1.0): _images(), (1, 2.0): _images()})
     with pytest.raises(ValueError, match="empty"):
         widgets.class_scale_viewer({})
+
+
+def test_prompt_scale_viewer_moves_through_cached_frames_and_names_uncached_prompts():
+    from course_lib.viz.widgets import prompt_scale_viewer
+    grids = {(p, s): torch.full((2, 3, 8, 8), 0.1 * i + 0.05 * j - 0.5)
+             for i, p in enumerate(["a red circle", "a blue square"]) for j, s in enumerate([0.0, 2.0, 5.0])}
+    v = prompt_scale_viewer(grids, captions={("a red circle", 2.0): "acc 50%"})
+    assert len(v.frames) == 6
+    seen = {bytes(v.image.value)}
+    v.controls[1].value = 2.0
+    assert "acc 50%" in v.caption.value
+    v.controls[0].value = "a blue square"
+    seen.add(bytes(v.image.value))
+    assert len(seen) == 2 and "a blue square" in v.caption.value
+    v.controls[0].value = "a green cross"
+    assert "was not sampled in advance" in v.caption.value and "a red circle" in v.caption.value
+    with pytest.raises(ValueError, match="every"):
+        prompt_scale_viewer({("a", 1.0): grids[("a red circle", 0.0)], ("b", 2.0): grids[("a red circle", 0.0)]})
