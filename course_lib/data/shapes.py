@@ -337,6 +337,28 @@ def render(draw: _Draw, size: int, chunk: int = 256) -> torch.Tensor:
     return out
 
 
+def render_scenes(scenes, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Real renders (n, 3, size, size) of given Scenes (e.g. parsed prompts), with the dataset's
+    jitter drawn from `seed`; a size or a single object's position the scene leaves open is drawn too."""
+    scenes = list(scenes)
+    rng = np.random.default_rng([seed, 0xC0DE])
+    full = []
+    for s in scenes:
+        if not isinstance(s, Scene):
+            raise TypeError(f"render_scenes takes Scenes (parse_caption gives one), got {type(s).__name__}")
+        objs = tuple(Obj(o.shape, o.color, o.size or SIZES[rng.integers(len(SIZES))]) for o in s.objects)
+        if len(objs) == 1:
+            full.append(Scene(objs, position=s.position or POSITIONS[rng.integers(len(POSITIONS))]))
+        else:
+            full.append(Scene(objs, relation=s.relation).canonical())
+    n = len(full)
+    jitter = np.stack([rng.uniform(-0.035, 0.035, (n, 2)), rng.uniform(-0.035, 0.035, (n, 2)),
+                       rng.uniform(-0.08, 0.08, (n, 2)), rng.uniform(-0.15, 0.15, (n, 2))], axis=-1)
+    draw = _Draw(full, jitter.reshape(n, 2, 4), rng.uniform(-0.05, 0.05, (n, 2, 3)), rng.uniform(0.35, 0.55, n),
+                 np.zeros(n, dtype=int))
+    return render(draw, size)
+
+
 # ---------------------------------------------------------------------------- the dataset
 
 class ShapesData(NamedTuple):

@@ -192,3 +192,28 @@ def plot_loss(history: Iterable, ax=None, smooth: float = 0.9, logy: bool = True
     if label:
         ax.legend()
     return ax
+
+
+def captioned_grid(images, captions: Sequence[str], ncol: int = 4, *, width: float = 2.3, wrap: int = 26,
+                   suptitle: str | None = None, marks: Sequence[bool] | None = None):
+    """Images (N, C, H, W) in [-1, 1] in a grid of ncol columns, each titled with its caption
+    (wrapped at `wrap` characters); marks: per image True (green title) or False (red), e.g. whether
+    the judge agrees with the caption. Returns the figure."""
+    import textwrap
+    import matplotlib.pyplot as plt
+    images = _check_images(images)
+    if len(captions) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
+    nrow = max(1, -(-images.shape[0] // ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(width * ncol, width * nrow * 1.15), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= images.shape[0]:
+            continue
+        ax.imshow(grid_array(images[k:k + 1], nrow=1, padding=0))
+        color = "black" if marks is None else ("#1a7f37" if marks[k] else "#b42318")
+        ax.set_title("\n".join(textwrap.wrap(captions[k], wrap)), fontsize=8, color=color)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig

@@ -153,3 +153,16 @@ def test_scene_errors():
 def test_empty_dataset():
     d = ShapesDataset("train", 32, 0, seed=0)
     assert len(d) == 0 and d.images.shape == (0, 3, 32, 32)
+
+
+def test_render_scenes_draws_what_the_prompts_leave_open():
+    scenes = [shapes.parse_caption("a red circle"), shapes.parse_caption("a large blue square below a small green cross")]
+    x = shapes.render_scenes(scenes, 32, seed=0)
+    assert x.shape == (2, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, shapes.render_scenes(scenes, 32, seed=0))
+    assert not torch.equal(x, shapes.render_scenes(scenes, 32, seed=1))
+    # "below": the square is the lower object, so the upper half holds green
+    top, bottom = x[1, :, :16] * 0.5 + 0.5, x[1, :, 16:] * 0.5 + 0.5
+    assert top[1].max() > 0.6 and bottom[2].max() > 0.9
+    with pytest.raises(TypeError, match="Scenes"):
+        shapes.render_scenes(["a red circle"])

@@ -120,3 +120,16 @@ def test_smooth_ema_is_debiased_and_plot_loss_draws_raw_and_smoothed():
         plots.plot_loss(history, smooth=1.0)
     with pytest.raises(ValueError, match="pairs"):
         plots.plot_loss([])
+
+
+def test_captioned_grid_titles_and_marks():
+    import matplotlib.pyplot as plt
+    from course_lib.viz.plots import captioned_grid
+    x = torch.zeros(5, 3, 8, 8)
+    fig = captioned_grid(x, [f"caption {i}" for i in range(5)], ncol=3, marks=[True, False, True, True, False])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == [f"caption {i}" for i in range(5)]
+    assert fig.axes[1].title.get_color() == "#b42318"
+    plt.close(fig)
+    with pytest.raises(ValueError, match="captions"):
+        captioned_grid(x, ["one"])
