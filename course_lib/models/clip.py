@@ -198,7 +198,14 @@ class ShapesCLIP(nn.Module):
         return F.normalize(self.clip.encode_text(tokens), dim=-1)
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.clip.encode_image(_check_images(x, self.image_size)), dim=-1)
+        """Clean images in [-1, 1] (a noisy x_t is NoisyCLIP's input; clamp samples first)."""
+        x = _check_images(x, self.image_size)
+        if x.numel() and not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or inf")
+        if x.numel() and (float(x.min()) < -1.001 or float(x.max()) > 1.001):
+            raise ValueError(f"the clean CLIP reads images in [-1, 1], got values in [{float(x.min()):.3f}, "
+                             f"{float(x.max()):.3f}]: clamp samples first, or use the noise-aware CLIP for x_t")
+        return F.normalize(self.clip.encode_image(x), dim=-1)
 
     @property
     def logit_scale(self) -> torch.Tensor:

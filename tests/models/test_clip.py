@@ -60,6 +60,12 @@ def test_encoders_give_unit_vectors(model):
     torch.testing.assert_close(model.encode_image(big), model.encode_image(F.avg_pool2d(big, 2)))
     with pytest.raises(ValueError, match="RGB images"):
         model.encode_image(torch.zeros(2, 3, 28, 28))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        model.encode_image(torch.full((2, 3, 32, 32), 1.5))
+    with pytest.raises(ValueError, match="NaN"):
+        model.encode_image(torch.full((2, 3, 32, 32), float("nan")))
+    with pytest.raises(TypeError, match="floating"):
+        model.encode_image(torch.zeros(2, 3, 32, 32, dtype=torch.long))
 
 
 def plain_clip_loss(img, txt, scale):
