@@ -200,11 +200,12 @@ class ShapesCLIP(nn.Module):
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """Clean images in [-1, 1] (a noisy x_t is NoisyCLIP's input; clamp samples first)."""
         x = _check_images(x, self.image_size)
-        if x.numel() and not torch.isfinite(x).all():
+        v = x.detach()
+        if v.numel() and not torch.isfinite(v).all():
             raise ValueError("images contain NaN or inf")
-        if x.numel() and (float(x.min()) < -1.001 or float(x.max()) > 1.001):
-            raise ValueError(f"the clean CLIP reads images in [-1, 1], got values in [{float(x.min()):.3f}, "
-                             f"{float(x.max()):.3f}]: clamp samples first, or use the noise-aware CLIP for x_t")
+        if v.numel() and (float(v.min()) < -1.001 or float(v.max()) > 1.001):
+            raise ValueError(f"the clean CLIP reads images in [-1, 1], got values in [{float(v.min()):.3f}, "
+                             f"{float(v.max()):.3f}]: clamp samples first, or use the noise-aware CLIP for x_t")
         return F.normalize(self.clip.encode_image(x), dim=-1)
 
     @property
@@ -389,6 +390,8 @@ def clip_metrics(model, recipe, n: int = 1000) -> dict:
                     model.encode_image, model.encode_text, d.images, d.scenes, hard_negatives=True), 4),
                 "test_scenes": n, "captions": "variant 0 of each test scene's caption; hard negatives: colors "
                                                "swapped, relation reversed, or another position"}
+    from course_lib.training.checkpoints import load_pretrained
+    clean = load_pretrained(model.config.init_from) if model.config.init_from else None
     sched = recipe.noise_schedule()
     out = {}
     for t_val in (0, 100, 250, 500, 750, 900, 999):
@@ -399,8 +402,12 @@ def clip_metrics(model, recipe, n: int = 1000) -> dict:
         out[str(t_val)] = {"retrieval": round(retrieval_accuracy(enc, model.encode_text, x_t, d.scenes), 4),
                            "hard_negatives": round(retrieval_accuracy(enc, model.encode_text, x_t, d.scenes,
                                                                       hard_negatives=True), 4)}
+        if clean is not None:
+            out[str(t_val)]["clean_clip_on_x_t"] = round(retrieval_accuracy(
+                clean.encode_image, clean.encode_text, x_t.clamp(-1, 1), d.scenes), 4)
     return {"retrieval_accuracy_by_t": out, "test_scenes": n,
-            "noise": "x_t = q_sample(x0, t) with the recipe's schedule, one fixed seed per t"}
+            "noise": "x_t = q_sample(x0, t) with the recipe's schedule, one fixed seed per t",
+            "baseline": "clean_clip_on_x_t: the clean CLIP it started from, on the same x_t clamped to [-1, 1]"}
 
 
 def load_open_clip(name: str, pretrained: str | None = None, device="cpu"):
