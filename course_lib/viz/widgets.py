@@ -172,26 +172,35 @@ def grid_selector(grids: Mapping[str, object], *, value: str | None = None, cach
     return FrameViewer(control, render, labels, cache=cache)
 
 
+def _pair_grid(grids: Mapping[tuple, object], what: str) -> tuple:
+    """(the first keys in order, the sorted scales) of grids {(key, scale): images}, checked complete."""
+    if not grids:
+        raise ValueError(f"grids is empty: pass {{({what}, scale): images}}")
+    keys = list(dict.fromkeys(k[0] for k in grids))
+    scales = sorted(dict.fromkeys(k[1] for k in grids))
+    missing = [(c, s) for c in keys for s in scales if (c, s) not in grids]
+    if missing:
+        raise ValueError(f"grids must hold every ({what}, scale) pair; missing {missing[:3]}")
+    return keys, scales
+
+
+def _scale_caption(label: str, scale_name: str, s, extra: str) -> str:
+    return f"<b>{html.escape(label)}</b>, {html.escape(scale_name)} = {s:g}" + (f" &nbsp; {extra}" if extra else "")
+
+
 def class_scale_viewer(grids: Mapping[tuple, object], *, class_names: Sequence[str] | None = None,
                        scale_name: str = "scale", value: tuple | None = None, cache: bool = True, nrow: int = 8,
                        scale: int | None = None, captions: Mapping[tuple, str] | None = None):
     """A class dropdown and a guidance-scale slider over precomputed grids {(class, s): (N, C, H, W)}
     (lessons 04-05: samples of each class at each guidance scale). class is an int index (named by
     class_names) or "all"; s a number. captions: extra html per key (e.g. the row's accuracy)."""
-    if not grids:
-        raise ValueError("grids is empty: pass {(class, scale): images}")
-    classes = list(dict.fromkeys(k[0] for k in grids))
-    scales = sorted(dict.fromkeys(k[1] for k in grids))
-    missing = [(c, s) for c in classes for s in scales if (c, s) not in grids]
-    if missing:
-        raise ValueError(f"grids must hold every (class, scale) pair; missing {missing[:3]}")
+    classes, scales = _pair_grid(grids, "class")
     name = (lambda c: class_names[c] if class_names is not None and isinstance(c, int) else str(c))
     width = max(plots.grid_array(g, nrow=nrow).shape[1] for g in grids.values())
 
     def render(key):
         c, s = key
-        extra = (captions or {}).get(key, "")
-        caption = f"<b>{html.escape(name(c))}</b>, {html.escape(scale_name)} = {s:g}" + (f" &nbsp; {extra}" if extra else "")
+        caption = _scale_caption(name(c), scale_name, s, (captions or {}).get(key, ""))
         return encode_png(plots.grid_array(grids[key], nrow=nrow), _scale_for(width, scale)), caption
 
     start = (classes[0], scales[0]) if value is None else value
@@ -207,13 +216,7 @@ def prompt_scale_viewer(grids: Mapping[tuple, object], *, scale_name: str = "sca
     (lesson 06 on: samples of each cached prompt at each guidance scale). The box is a Combobox: it
     suggests the cached prompts as the learner types; a prompt that was not cached shows a grey
     frame and says which prompts were. captions: extra html per key (e.g. the row's caption accuracy)."""
-    if not grids:
-        raise ValueError("grids is empty: pass {(prompt, scale): images}")
-    prompts = list(dict.fromkeys(k[0] for k in grids))
-    scales = sorted(dict.fromkeys(k[1] for k in grids))
-    missing = [(p, s) for p in prompts for s in scales if (p, s) not in grids]
-    if missing:
-        raise ValueError(f"grids must hold every (prompt, scale) pair; missing {missing[:3]}")
+    prompts, scales = _pair_grid(grids, "prompt")
     first = plots.grid_array(next(iter(grids.values())), nrow=nrow)
     width = max(plots.grid_array(g, nrow=nrow).shape[1] for g in grids.values())
 
@@ -224,8 +227,7 @@ def prompt_scale_viewer(grids: Mapping[tuple, object], *, scale_name: str = "sca
             blank = np.full_like(first, 0.5)
             return encode_png(blank, _scale_for(width, scale)), (
                 f"<b>{html.escape(str(p))}</b> was not sampled in advance. Cached prompts: {known}")
-        extra = (captions or {}).get(key, "")
-        caption = f"<b>{html.escape(p)}</b>, {html.escape(scale_name)} = {s:g}" + (f" &nbsp; {extra}" if extra else "")
+        caption = _scale_caption(p, scale_name, s, (captions or {}).get(key, ""))
         return encode_png(plots.grid_array(grids[key], nrow=nrow), _scale_for(width, scale)), caption
 
     start = (prompts[0], scales[0]) if value is None else value
