@@ -14,10 +14,15 @@ from course_lib.eval import fid as fid_lib
 
 
 class FashionEvaluator:
-    def __init__(self, classifier=None, batch_size: int = 500):
+    def __init__(self, classifier=None, batch_size: int = 500, device=None):
+        """classifier: default the shipped `fashion_classifier`, on runtime.device(device) (CUDA when
+        present); images are moved to the classifier's device batch by batch, features come back on the CPU."""
         if classifier is None:
+            from course_lib import runtime
             from course_lib.training.checkpoints import load_pretrained
-            classifier = load_pretrained("fashion_classifier")
+            classifier = load_pretrained("fashion_classifier", device=runtime.device(device))
+        elif device is not None:
+            classifier = classifier.to(device)
         self.classifier = classifier.eval()
         self.batch_size = batch_size
         self._reference = None

@@ -1,4 +1,7 @@
-"""The metrics a checkpoint's card records, measured by `course train` / `course evaluate`."""
+"""The metrics a checkpoint's card records, measured by `course train` / `course evaluate`.
+
+Everything runs on the model's device (or `device=`); noise comes from CPU generators and is moved
+there, so the numbers do not depend on the device beyond floating-point rounding."""
 from __future__ import annotations
 
 import time
@@ -9,30 +12,40 @@ from course_lib.eval.features import FashionEvaluator
 from course_lib.eval.sweep import balanced_labels
 
 
+def _device_of(model) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def classifier_accuracy(model, images, labels, batch_size: int = 1000) -> float:
     model.eval()
-    correct = sum(int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+    dev = _device_of(model)
+    correct = sum(int((model(images[i:i + batch_size].to(dev)).argmax(1).cpu() == labels[i:i + batch_size]).sum())
                   for i in range(0, images.shape[0], batch_size))
     return correct / images.shape[0]
 
 
 def sample_images(recipe, model, n: int, steps: int, *, variance=None, seed: int = 0, batch_size: int = 250,
-                  y=None, progress: bool = True):
-    """n samples of a diffusion recipe's model with `steps` respaced DDPM steps."""
+                  y=None, progress: bool = True, device=None):
+    """n samples of a diffusion recipe's model with `steps` respaced DDPM steps, on `device` (default:
+    the model's), from a CPU generator seeded by `seed`."""
+    from course_lib import runtime
     from course_lib.samplers import loop, respace
     from course_lib.samplers.ddpm import ddpm_step
     variance = variance or ("learned" if model.config.learn_sigma else "small")
     spaced = respace.respace(recipe.noise_schedule(), respace.even_timesteps(recipe.T, steps))
     eps_fn = respace.respaced_model(loop.model_fn(model, bf16=recipe.bf16), spaced.timesteps)
     g = torch.Generator().manual_seed(seed)
+    dev = torch.device(device) if device is not None else _device_of(model)
+    runtime.ensure_threads()
     size, c = model.config.image_size, model.config.in_channels
     out = []
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
-        cond = None if y is None else y[i:i + b]
+        cond = None if y is None else y[i:i + b].to(dev)
         out.append(loop.sample(eps_fn, spaced.schedule, (b, c, size, size), step=ddpm_step, cond=cond,
-                               generator=g, variance=variance, progress=progress))
+                               generator=g, variance=variance, progress=progress, device=dev))
     return torch.cat(out)
 
 
@@ -50,6 +63,7 @@ def noisy_accuracy(recipe, model, images, labels, ts=NOISY_ACCURACY_TS, *, seed:
     from course_lib.diffusion import formulas
     sched = recipe.noise_schedule()
     model.eval()
+    dev = _device_of(model)
     out = {}
     for t_val in ts:
         if not 0 <= int(t_val) < sched.T:
@@ -58,22 +72,36 @@ def noisy_accuracy(recipe, model, images, labels, ts=NOISY_ACCURACY_TS, *, seed:
         correct = 0
         for i in range(0, images.shape[0], batch_size):
             x0 = images[i:i + batch_size]
-            t = torch.full((x0.shape[0],), int(t_val), dtype=torch.long)
-            x_t = formulas.q_sample(sched, x0, t, torch.randn(x0.shape, generator=g))
-            correct += int((model(x_t, t).argmax(1) == labels[i:i + batch_size]).sum())
+            noise = torch.randn(x0.shape, generator=g).to(dev)
+            x0 = x0.to(dev)
+            t = torch.full((x0.shape[0],), int(t_val), dtype=torch.long, device=dev)
+            x_t = formulas.q_sample(sched, x0, t, noise)
+            correct += int((model(x_t, t).argmax(1).cpu() == labels[i:i + batch_size]).sum())
         out[int(t_val)] = correct / images.shape[0]
     return out
 
 
-def measure(recipe, model) -> dict:
+def measure(recipe, model, *, device=None) -> dict:
+    """The card's metrics of a trained recipe's model, on `device` (default: the model's)."""
+    if device is not None:
+        model = model.to(device)
     if recipe.task == "classify":
         images, labels = recipe.load_data("test")
         return {"test_accuracy": round(classifier_accuracy(model, images, labels), 4), "test_images": images.shape[0]}
+    if recipe.task in ("clip", "noisy_clip"):
+        from course_lib.models.clip import clip_metrics
+        return clip_metrics(model, recipe)
+    if recipe.task == "attributes":
+        from course_lib.eval.attributes import judge_metrics
+        return judge_metrics(model, seed=recipe.seed)
     if recipe.task == "noisy_classify":
         images, labels = recipe.load_data("test")
         acc = noisy_accuracy(recipe, model, images, labels)
         return {"test_accuracy_by_t": {str(t): round(a, 4) for t, a in acc.items()}, "test_images": images.shape[0],
                 "noise": "x_t = q_sample(x0, t) with the recipe's schedule, one fixed seed per t"}
+    if recipe.task == "diffusion" and recipe.data == "shapes":
+        from course_lib.eval.attributes import diffusion_metrics
+        return diffusion_metrics(recipe, model)
     if recipe.task == "diffusion" and getattr(model.config, "num_classes", None):
         ev = FashionEvaluator()
         n = recipe.eval_samples

@@ -7,6 +7,9 @@ All rows start from the same x_T (one generator seeded by `seed` draws all n of 
 and stochastic samplers get their step noise from a generator re-seeded alike for every row, so
 two rows differ only in the sampler. FID depends on the sample count, so every row uses the same
 n; report the evaluator's real_fid(n) beside the table.
+
+`device=` runs the sampling there (the noise is still drawn on the CPU, so every device starts from
+the same x_T); the rows' samples come back on the CPU.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def noise_for(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
 
 def fid_sweep(evaluator, configs: Sequence[sampler_config.SamplerConfig], eps_fn, schedule, n: int, *,
               shape: Sequence[int] = (1, 28, 28), seed: int = 0, batch_size: int = 128, keep: int = 16,
-              log: Callable[[str], None] | None = print) -> list:
+              log: Callable[[str], None] | None = print, device=None) -> list:
     """For each config: n samples from the shared x_T, their FID (evaluator.fid), the sampling time.
 
     evaluator: anything with .fid(images) (a FashionEvaluator). log(line) is called after each row
@@ -40,13 +43,13 @@ def fid_sweep(evaluator, configs: Sequence[sampler_config.SamplerConfig], eps_fn
     """
     if n < 2:
         raise ValueError(f"FID needs at least 2 samples, got n={n}")
-    x_T = noise_for(n, shape, seed)
+    x_T = noise_for(n, shape, seed).to(device or "cpu")
     rows = []
     for config in configs:
         generator = torch.Generator().manual_seed(seed + 1)      # the same step noise for every row
         t0 = time.time()
         samples = torch.cat([sampler_config.run(config, eps_fn, schedule, x_T[i:i + batch_size], generator=generator)
-                             for i in range(0, n, batch_size)])
+                             for i in range(0, n, batch_size)]).cpu()
         seconds = time.time() - t0
         rows.append(SweepRow(config, evaluator.fid(samples), seconds, samples[:keep].clone()))
         if log is not None:
@@ -73,7 +76,7 @@ def balanced_labels(n: int, num_classes: int = 10) -> torch.Tensor:
 def guided_sweep(evaluator, eps_fns: Mapping[str, Callable], schedule, n: int, *,
                  config: sampler_config.SamplerConfig = sampler_config.SamplerConfig("ddim", 25),
                  num_classes: int = 10, shape: Sequence[int] = (1, 28, 28), seed: int = 0, batch_size: int = 100,
-                 log: Callable[[str], None] | None = print) -> list:
+                 log: Callable[[str], None] | None = print, device=None) -> list:
     """For each labelled noise predictor eps_fns[label](x_t, t, cond=y): n samples asked for the balanced
     classes balanced_labels(n), drawn with `config` from the same x_T (and the same step noise), then
     their FID, class accuracy and Inception-Score analogue by `evaluator` (a FashionEvaluator).
@@ -85,14 +88,15 @@ def guided_sweep(evaluator, eps_fns: Mapping[str, Callable], schedule, n: int, *
         raise ValueError(f"FID needs at least 2 samples, got n={n}")
     if not eps_fns:
         raise ValueError("eps_fns is empty: pass {label: noise predictor}")
-    x_T, y = noise_for(n, shape, seed), balanced_labels(n, num_classes)
+    x_T, y = noise_for(n, shape, seed).to(device or "cpu"), balanced_labels(n, num_classes)
+    y_dev = y.to(x_T.device)
     rows = []
     for label, eps_fn in eps_fns.items():
         generator = torch.Generator().manual_seed(seed + 1)
         t0 = time.time()
         samples = torch.cat([sampler_config.run(config, eps_fn, schedule, x_T[i:i + batch_size],
-                                                cond=y[i:i + batch_size], generator=generator)
-                             for i in range(0, n, batch_size)])
+                                                cond=y_dev[i:i + batch_size], generator=generator)
+                             for i in range(0, n, batch_size)]).cpu()
         seconds = time.time() - t0
         accuracy = float((evaluator.predict(samples) == y).double().mean())
         rows.append(GuidedRow(label, evaluator.fid(samples), accuracy, evaluator.inception_score(samples),

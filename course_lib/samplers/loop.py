@@ -3,6 +3,10 @@ largest t to the end of the chain (t_prev = -1), with a progress bar and a callb
 
 A model is any noise predictor eps_fn(x_t, t, cond) -> output; a learned-variance output
 (2C channels) is split into eps and v, and v is passed to steps that take it.
+
+Devices: the samples live on `device` (or x_T's). A generator may live elsewhere (the course's
+generators are CPU ones): x_T and the steps' noise are then drawn on the generator's device and moved,
+so a CUDA run starts from, and adds, the same noise as a CPU run with the same seed.
 """
 from __future__ import annotations
 
@@ -33,6 +37,26 @@ def _takes(step, name):
     return name in inspect.signature(step).parameters
 
 
+def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """N(0, I) of `shape` drawn from `generator` on the generator's own device, then moved to `device`."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def _elsewhere(generator, device) -> bool:
+    """Whether a generator lives on another device than the samples (a CPU generator, CUDA samples)."""
+    return generator is not None and generator.device != torch.device(device)
+
+
+def _draws_noise(step, kwargs) -> bool:
+    """Whether `step` would draw z from its generator: steps with an eta only when eta > 0 (DDIM,
+    DPM-Solver), other steps that take noise always (DDPM draws at every step, the last included)."""
+    if "noise" in kwargs or not _takes(step, "noise"):
+        return False
+    return kwargs.get("eta", 0) > 0 if _takes(step, "eta") else True
+
+
 @torch.no_grad()
 def sample(eps_fn: Callable, schedule, shape, *, step=ddpm_step, timesteps=None, cond=None,
            x_T=None, generator=None, device=None, progress: bool = True, callback=None, **step_kwargs):
@@ -46,10 +70,13 @@ def sample(eps_fn: Callable, schedule, shape, *, step=ddpm_step, timesteps=None,
     ts = ts.sort(descending=True).values
     if ts.numel() == 0:
         raise ValueError("timesteps is empty")
-    device = device or (x_T.device if x_T is not None else "cpu")
-    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
+    from course_lib import runtime
+    runtime.ensure_threads()
+    device = torch.device(device) if device is not None else (x_T.device if x_T is not None else torch.device("cpu"))
+    x = randn(shape, generator, device) if x_T is None else x_T.to(device)
     B = x.shape[0]
     kwargs = dict(step_kwargs)
+    predraw = _elsewhere(generator, x.device) and _draws_noise(step, kwargs)
     steps_prev = torch.cat([ts[1:], torch.tensor([-1])])
     for i, (t_i, tp_i) in enumerate(tqdm(list(zip(ts.tolist(), steps_prev.tolist())), disable=not progress,
                                          desc="sampling")):
@@ -58,6 +85,8 @@ def sample(eps_fn: Callable, schedule, shape, *, step=ddpm_step, timesteps=None,
         eps, v = formulas.split_model_output(eps_fn(x, t, cond), x.shape[1])
         if v is not None and _takes(step, "v"):
             kwargs["v"] = v
+        if predraw:   # what the step would have drawn from the generator, drawn where the generator is
+            kwargs["noise"] = randn(x.shape, generator, x.device, x.dtype)
         out = step(schedule, x, t, t_prev, eps, generator=generator, **kwargs)
         if callback is not None:
             callback(i, t, x, out)

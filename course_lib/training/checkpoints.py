@@ -411,7 +411,10 @@ def refuse_shipped(out, name: str) -> None:
 
 
 def load_pretrained(name: str, *, device=None) -> torch.nn.Module:
-    """A shipped checkpoint by name (see `course list`), weights checked by sha256, in eval mode."""
+    """A shipped checkpoint by name (see `course list`), weights checked by sha256, in eval mode, on
+    `device` (default the CPU; pass runtime.device() for the GPU when present; a CUDA request without
+    CUDA is runtime.DeviceError)."""
+    from course_lib import runtime
     from course_lib.training import recipes
     recipe = recipes.get(name)  # unknown names fail here, listing the known ones
     hint = f"Rebuild it with `course train {name}`."
@@ -421,7 +424,7 @@ def load_pretrained(name: str, *, device=None) -> torch.nn.Module:
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a safetensors file. {hint}")
     model, _ = load_verified(recipe.build_model(), path, hint=hint)
-    return model.to(device or "cpu").eval().requires_grad_(False)
+    return model.to(runtime.device(device) if device is not None else "cpu").eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------- checks of a training run
