@@ -54,7 +54,8 @@ class Recipe:
     T: int = 1000                   # diffusion steps
     label_dropout: float = 0.0      # share of labels replaced by the null class (classifier-free guidance)
     seed: int = 0
-    bf16: bool = True               # bf16 autocast where the hardware has native bf16 (runtime.bf16_is_fast)
+    bf16: bool = True               # bf16 autocast where the hardware has native bf16 (runtime.bf16_is_fast);
+                                    # the CLIP recipes train in fp32 (their losses run no autocast)
     checkpoint_every: int = 500
     data: str = "fashion_mnist"
     eval_samples: int = 1000        # samples drawn for the card's FID
@@ -128,14 +129,14 @@ RECIPES = {r.name: r for r in [
            "loss on renders and paraphrased captions (sizes left out 30% of the time, a single object's "
            "position 20%); scenes sharing a caption count as positives of each other.",
            ClipConfig(), task="clip", steps=3000, batch_size=128, lr=1e-3, warmup=200, weight_decay=0.1,
-           ema_decay=0.998, data="shapes", data_size=40_000),
+           ema_decay=0.998, data="shapes", data_size=40_000, bf16=False),
     Recipe("shapes_noisy_clip",
            "Noise-aware CLIP (GLIDE sec. 2.4): shapes_clip's text tower and temperature, frozen, and a copy "
            "of its image tower that also takes t (a timestep embedding added to every token, zero-initialised "
            "so step 0 is the clean CLIP), trained contrastively on x_t = q_sample(x0, t), t uniform over "
            "0..999 of the cosine schedule, against the frozen text embeddings.",
            NoisyClipConfig(), task="noisy_clip", steps=3000, batch_size=128, lr=5e-4, warmup=100,
-           weight_decay=0.1, ema_decay=0.998, data="shapes", data_size=40_000, init_from="shapes_clip"),
+           weight_decay=0.1, ema_decay=0.998, data="shapes", data_size=40_000, init_from="shapes_clip", bf16=False),
     Recipe("shapes_ddpm",
            "Unconditional eps-prediction ADM UNet on 32x32 RGB shapes scenes (the model CLIP guidance steers "
            "in lesson 06), cosine schedule, T=1000, fixed small variance.",
