@@ -104,7 +104,7 @@ def clip_guided_eps(eps_fn, clip, schedule: NoiseSchedule, scale: float, *, form
         inner = (lambda x: eps_fn(x, t, cond)) if model_uses_cond else (lambda x: eps_fn(x, t, None))
         if scale == 0:
             return inner(x_t)
-        a = formulas.extract(schedule.alpha_bar.to(x_t.device), t, x_t).float()
+        a = formulas.extract(schedule.alpha_bar.to(x_t.device), t, x_t).to(x_t.dtype)   # float64 stays float64
         if form == "noisy":
             out = inner(x_t)
             t_clip = t if ts is None else ts.to(t.device)[t]
