@@ -46,6 +46,7 @@ Used by `course_lib.nn.attention.attention(backend="triton")` and lesson 10.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -458,8 +459,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, DQ_ACC,
         lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
         m_full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M, Lq)
         m_full = tl.maximum(m_full, lo)
-    if qk_scale <= 0:
-        m_full = Lq  # as in the forward: keep every block on the exact masked path
     for start_m in range(lo, m_full, BLOCK_M):  # the causal diagonal, masked
         dk0, dk1, dv0, dv1 = _bwd_dkdv_step(
             dk0, dk1, dv0, dv1, k0, k1, v0, v1, kpm, Q_base, DO_base, LSE_base, DELTA_base, DQ_base,
@@ -550,8 +549,6 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, KPM, PAD_CUM, DQ,
     if CAUSAL:
         hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + causal_offset)
         n_full = tl.minimum(n_full, (tl.maximum(start_m * BLOCK_M + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N)
-    if qk_scale <= 0:
-        n_full = 0
     n_full = tl.maximum(tl.minimum(n_full, hi), 0)
     for start_n in range(0, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -642,11 +639,13 @@ def is_interpreted() -> bool:
 # 64-row blocks so that small problems still fill the GPU (2 x 16 heads x 256 tokens is 64 blocks
 # of 128 rows for 132 SMs, 128 blocks of 64). Backward: the dK/dV program keeps dK and dV of its
 # BLOCK_N keys in registers and streams narrow query blocks past them; the dQ program the
-# other way round (the Triton tutorial's 32 x 128 and 128 x 32).
+# other way round (the Triton tutorial's 32 x 128 and 128 x 32). Every product keeps at least 64 rows
+# (BLOCK_N for the dK/dV program's, BLOCK_M for the others): Hopper's wgmma works on 64-row slabs, and
+# Triton falls back to the older mma.sync below that.
 CONFIGS = {
-    "_attn_fwd": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-    "_attn_bwd_dkdv": [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
-    "_attn_bwd_dq": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 16, 4, 3), (32, 16, 4, 2)],
+    "_attn_fwd": [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    "_attn_bwd_dkdv": [(32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (16, 64, 8, 2)],
+    "_attn_bwd_dq": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 16, 8, 2)],
 }
 SHARED_MEMORY_BYTES = 227 * 1024  # per block on sm_90 (H100, H200); sm_80 has 163 KB
 REGISTER_BUDGET = 128             # fp32 values per thread the tiles below may take (255 is the hardware limit)
@@ -657,13 +656,15 @@ def tile_footprint(kernel, block_m, block_n, num_warps, num_stages, d, dv, elem)
 
     Shared memory holds the operands the tensor cores read: the tile loaded once (Q for the forward
     and dQ, K and V for dK/dV) and, num_stages times over, the tiles streamed by the loop.
-    Registers hold the fp32 accumulators and the (BLOCK_M, BLOCK_N) score tiles (S and P; the
-    backward also dP and dS), spread over 32 * num_warps threads.
+    Registers hold the fp32 accumulators and the (BLOCK_M, BLOCK_N) score tiles (S, whose registers P
+    reuses; the backward also dP and dS), spread over 32 * num_warps threads. The estimate leaves out
+    what every configuration needs besides (addresses, row statistics: about 60 registers in ptxas'
+    reports), so REGISTER_BUDGET is well under the 255 a thread may have.
     """
     dp, dvp = sum(head_dim_pieces(d)), sum(head_dim_pieces(dv))
     if kernel == "_attn_fwd":
         smem = elem * (block_m * dp + num_stages * block_n * (dp + dvp))      # Q once, K and V per stage
-        regs = block_m * dvp + 2 * block_m * block_n                          # acc, S and P
+        regs = block_m * dvp + block_m * block_n                              # acc; S (P takes its place)
     elif kernel == "_attn_bwd_dkdv":
         smem = elem * (block_n * (dp + dvp) + num_stages * block_m * (dp + dvp))  # K, V once; Q, dO per stage
         regs = block_n * (dp + dvp) + 3 * block_m * block_n                   # dK, dV; S, dP, dS
@@ -686,15 +687,14 @@ def candidate_configs(kernel, d, dv, elem):
     return kept or configs[-1:]
 
 
-def _prune(configs, named_args, **kwargs):
-    kernel = _prune.kernel_of[id(configs)]
+def _prune(kernel, configs, named_args, **kwargs):
+    """The autotuner's early pruning: keep the candidates of `candidate_configs` for this call's head dims."""
     elem = named_args["Q"].element_size()
     d, dv = kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"]
     wanted = set(candidate_configs(kernel, d, dv, elem))
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
 
-_prune.kernel_of = {}
 _tuned = {}
 _AUTOTUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_KPM"]
 
@@ -707,10 +707,9 @@ def _launcher(kernel):
         name = kernel.__name__
         configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
                    for bm, bn, w, s in CONFIGS[name]]
-        _prune.kernel_of[id(configs)] = name
         extra = dict(reset_to_zero=["DQ_ACC"]) if name == "_attn_bwd_dkdv" else {}
         key = _AUTOTUNE_KEY + (["ATOMIC_DQ"] if name == "_attn_bwd_dkdv" else [])
-        _tuned[kernel] = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune},
+        _tuned[kernel] = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": functools.partial(_prune, name)},
                                          **extra)(kernel)
     return _tuned[kernel], {}
 

@@ -5,9 +5,11 @@ sequences up to 70 with 32-wide blocks still give several blocks, ragged last bl
 causal diagonals that cut through blocks. Each test draws its own random inputs from a seed
 named in its failure message (KERNEL_TEST_SEED=n shifts every seed, to explore).
 
-Tolerance, per output: the kernel may be off the float64 reference by at most twice what the
-reference itself is off when computed in the input's dtype, plus a small floor. So the kernel
-must be as accurate as plain PyTorch in that dtype, whatever the dtype.
+Tolerance, per output: the kernel may be off the float64 reference by at most twice what an
+fp32 reference is off once its result is rounded to the input's dtype, plus a small floor for
+the one rounding the kernel adds on purpose (P and dS go to the tensor cores in the input dtype).
+The yardstick computes S in fp32: a reference computed in bf16 would round every score (an
+error of 1% in exp(S) at |S| = 3) and let a kernel with the same fault pass.
 """
 import math
 import os
@@ -67,11 +69,11 @@ def run(fn, q, k, v, do, **kw):
     return (o, *torch.autograd.grad(o, (q, k, v), do))
 
 
-def check(q, k, v, do, *, seed, **kw):
-    """Assert the kernel's (o, dq, dk, dv) are as close to float64 as the reference in q's dtype is."""
-    got = run(fa.flash_attention, q, k, v, do, fp32_precision="ieee", **kw)
+def check(q, k, v, do, *, seed, deterministic=True, **kw):
+    """Assert the kernel's (o, dq, dk, dv) are as close to float64 as an fp32 reference rounded to q's dtype."""
+    got = run(fa.flash_attention, q, k, v, do, fp32_precision="ieee", deterministic=deterministic, **kw)
     want = run(attention_reference, *(x.double() for x in (q, k, v, do)), **kw)
-    lowp = run(attention_reference, q, k, v, do, **kw)
+    lowp = [x.to(q.dtype) for x in run(attention_reference, *(x.float() for x in (q, k, v, do)), **kw)]
     for name, g, w, l in zip(("o", "dq", "dk", "dv"), got, want, lowp):
         assert g.shape == w.shape and g.dtype == q.dtype, f"{name}: got {g.dtype} {tuple(g.shape)}"
         err = (g.double() - w).abs().max().item()
@@ -123,12 +125,34 @@ def test_glide_text_keys_joined_to_image_keys(seed):
 @pytest.mark.parametrize("D, Dv, dtype", [
     (16, 16, torch.float32), (40, 40, torch.float16), (64, 64, torch.bfloat16),
     (80, 80, torch.float32), (160, 160, torch.bfloat16), (256, 256, torch.float16),
-    (40, 24, torch.float32),  # value width differs from the key width
+    (40, 24, torch.float32),   # value width differs from the key width
+    (96, 80, torch.bfloat16),  # 64 + 32 keys, 64 + 16 values
+    (8, 200, torch.float32),   # D < 16 (one 16-wide piece), Dv = 200 (one 256-wide piece)
 ])
 def test_head_dims(D, Dv, dtype, seed):
-    """Non-powers of two (40, 80, 160 of SD 1.x) are padded to 64, 128, 256 lanes that never count."""
-    L = 33 if D <= 80 else 20
-    check(*qkv(1, 2, L, L + 5, D, Dv, seed=seed, dtype=dtype), causal=D == 160, seed=seed)
+    """Non-powers of two (40, 80, 160 of SD 1.x) run as two pieces (32 + 16, 64 + 16, 128 + 32)."""
+    L = 33 if max(D, Dv) <= 96 else 20
+    check(*qkv(1, 2, L, L + 5, D, Dv, seed=seed, dtype=dtype), causal=D in (160, 96), seed=seed)
+
+
+@pytest.mark.parametrize("d", range(1, fa.MAX_HEAD_DIM + 1))
+def test_head_dim_pieces(d):
+    """Each piece a power of two and a multiple of 16, together covering d; at most one piece of 16 to spare."""
+    p0, p1 = fa.head_dim_pieces(d)
+    for p in (p0, p1) if p1 else (p0,):
+        assert p % 16 == 0 and p & (p - 1) == 0, (d, p0, p1)
+    assert d <= p0 + p1 and p1 < p0
+    assert fa.head_dim_waste(d) == (p0 + p1) / d
+
+
+def test_head_dim_waste_of_stable_diffusion():
+    """The docstring's table: 1.2x at 40, none at 80 and 160 (padding to a power of two: 1.6x each)."""
+    assert fa.head_dim_pieces(40) == (32, 16) and fa.head_dim_waste(40) == 1.2
+    assert fa.head_dim_pieces(80) == (64, 16) and fa.head_dim_waste(80) == 1.0
+    assert fa.head_dim_pieces(160) == (128, 32) and fa.head_dim_waste(160) == 1.0
+    for d in (16, 32, 64, 128, 256):
+        assert fa.head_dim_pieces(d) == (d, 0)
+    assert max(fa.head_dim_waste(d) for d in range(64, 257)) <= 4 / 3  # below 64, rounding up to 16 dominates
 
 
 # ---- lengths -----------------------------------------------------------------------------------
@@ -205,11 +229,13 @@ def test_block_sizes(block_m, block_n, monkeypatch, seed):
 
 # ---- every element is written ------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_poisoned_outputs_are_overwritten(dtype, monkeypatch, seed):
+@pytest.mark.parametrize("dtype, masked", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_poisoned_outputs_are_overwritten(dtype, masked, monkeypatch, seed):
     """Every buffer the kernels write (O, logsumexp, delta, dQ, dK, dV) starts as NaN here.
 
     A row, lane or block the kernels forgot would stay NaN (or spread NaN into the gradients).
+    masked: causal with a padding mask (D = 40 in two pieces, Dv = 24 in one); unmasked: the
+    fast paths only (D = 80 and Dv = 40, both in two pieces), with lengths that fit no block.
     """
     allocated = []
 
@@ -220,8 +246,11 @@ def test_poisoned_outputs_are_overwritten(dtype, monkeypatch, seed):
 
     real_alloc = fa._alloc
     monkeypatch.setattr(fa, "_alloc", poisoned)
-    kpm = (torch.arange(53)[None, :] < torch.tensor([[53], [20]])).to(DEVICE)  # (2, 53)
-    got = check(*qkv(2, 2, 61, 53, 40, 24, seed=seed, dtype=dtype), causal=True, key_padding_mask=kpm, seed=seed)
+    if masked:
+        kpm = (torch.arange(53)[None, :] < torch.tensor([[53], [20]])).to(DEVICE)  # (2, 53)
+        got = check(*qkv(2, 2, 61, 53, 40, 24, seed=seed, dtype=dtype), causal=True, key_padding_mask=kpm, seed=seed)
+    else:
+        got = check(*qkv(2, 1, 45, 70, 80, 40, seed=seed, dtype=dtype), seed=seed)
     assert len(allocated) == 6, [tuple(x.shape) for x in allocated]  # o, lse, delta, dq, dk, dv
     for name, x in zip(("o", "dq", "dk", "dv"), got):
         assert not torch.isnan(x).any(), f"{name} has elements the kernel never wrote"
@@ -251,13 +280,65 @@ def test_the_triton_kernels_run(monkeypatch):
     o.backward(do)
     assert launched == ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"]
     assert CUDA or fa.is_interpreted()
+    launched.clear()
+    fa.flash_attention(q, k, v, deterministic=False).backward(do)
+    assert launched == ["_attn_fwd", "_attn_bwd_dkdv"], "the atomic variant needs no dQ kernel"
 
 
 def test_scale(seed):
-    q, k, v, do = qkv(1, 2, 30, 30, 32, seed=seed)
+    """Any finite scale: the fast path folds a positive one into one FMA; zero and negative ones run masked."""
+    q, k, v, do = qkv(1, 2, 30, 40, 32, seed=seed)
     check(q, k, v, do, scale=0.3, seed=seed)
+    check(q, k, v, do, scale=-0.4, seed=seed)  # the row max of raw scores would be the min here
     o = fa.flash_attention(q, k, v, scale=0.0)  # scale 0: every query averages all values
     torch.testing.assert_close(o, v.mean(dim=2, keepdim=True).expand_as(o), rtol=1e-5, atol=1e-5)
+
+
+# ---- sharp softmax: large logits whose row maximum moves from block to block -----------------
+
+@pytest.mark.parametrize("dtype, causal", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False)])
+def test_sharp_softmax(dtype, causal, seed):
+    """Scores of tens of units, with a ramp along the keys that moves each row's maximum into a later
+    block (head 0) or keeps it in the first (head 1): every rescale by alpha = exp2(m_old - m_new) counts."""
+    B, H, L, D = 1, 2, 70, 32
+    q, k, v, do = qkv(B, H, L, L, D, seed=seed)
+    g = torch.Generator().manual_seed(seed + 11)
+    u = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0).to(DEVICE)
+    ramp = torch.linspace(0, 6, L, device=DEVICE)
+    ramp = torch.stack([ramp, ramp.flip(0)])[None, :, :, None]           # (1, H, L, 1): up in head 0, down in 1
+    q = 3 * q + 8 * u
+    k = 3 * k + ramp * u
+    check(q.to(dtype), k.to(dtype), v.to(dtype), do.to(dtype), causal=causal, seed=seed)
+
+
+# ---- the atomic-dQ backward (deterministic=False) ---------------------------------------------
+
+@pytest.mark.parametrize("dtype, causal", [(torch.float32, True), (torch.bfloat16, False)])
+def test_atomic_dq(dtype, causal, seed):
+    """FlashAttention-2's own Algorithm 2: every key block adds its dS K into dQ; same numbers."""
+    q, k, v, do = qkv(2, 2, 45, 50, 40, seed=seed, dtype=dtype)
+    kpm = torch.ones(2, 50, dtype=torch.bool, device=DEVICE)
+    kpm[1, 30:] = False
+    check(q, k, v, do, causal=causal, key_padding_mask=kpm, deterministic=False, seed=seed)
+
+
+# ---- special values -----------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # numpy, inside the interpreter
+def test_nan_propagates_and_empty_rows_are_zero(seed):
+    """A NaN query row gives a NaN output row, as in the reference; a row that sees no key gives 0."""
+    q, k, v, _ = qkv(2, 1, 40, 37, 16, seed=seed)
+    q[0, 0, 5, 3] = float("nan")
+    kpm = torch.ones(2, 37, dtype=torch.bool, device=DEVICE)
+    kpm[1] = False
+    o = fa.flash_attention(q, k, v, key_padding_mask=kpm)
+    want = attention_reference(q.double(), k.double(), v.double(), key_padding_mask=kpm)
+    assert torch.isnan(o[0, 0, 5]).all() and torch.isnan(want[0, 0, 5]).all()
+    assert torch.isfinite(o[0, 0, :5]).all() and torch.isfinite(o[0, 0, 6:]).all()
+    assert torch.all(o[1] == 0)
+    v[0, 0, 36, 0] = float("nan")  # a NaN value that every row of batch 0 sees: their first feature is NaN
+    o = fa.flash_attention(q, k, v)
+    assert torch.isnan(o[0, 0, :, 0]).all() and torch.isfinite(o[1]).all()
 
 
 def test_deterministic(seed):
@@ -296,6 +377,38 @@ def test_clear_errors():
         fa.flash_attention(q[:, :, :0], q, q)
     with pytest.raises(ValueError, match="fp32_precision"):
         fa.flash_attention(q, q, q, fp32_precision="tf16")
+    with pytest.raises(TypeError, match="bool"):  # 0.5 would be masked by a cast to int8, visible by bool()
+        fa.flash_attention(q, q, q, key_padding_mask=torch.full((1, 8), 0.5))
+    with pytest.raises(ValueError, match="finite"):
+        fa.flash_attention(q, q, q, scale=float("nan"))
+
+
+# ---- the launch: one grid axis, autotuner candidates --------------------------------------------
+
+def test_grid_has_one_axis():
+    """B * H on a second grid axis would be capped at 65535; one axis holds 2^31 - 1 programs."""
+    assert fa.grid_1d(4, 70_000) == (280_000,)
+    with pytest.raises(ValueError, match="grid"):
+        fa.grid_1d(2**16, 2**15)
+
+
+@pytest.mark.parametrize("kernel", list(fa.CONFIGS))
+@pytest.mark.parametrize("d", [40, 64, 80, 128, 160, 256])
+def test_candidate_configs(kernel, d):
+    """Pruning counts Q once and K, V per pipeline stage; it never leaves the autotuner empty-handed,
+    and small problems always keep a 64-row (or smaller) block to fill the GPU's SMs."""
+    kept = fa.candidate_configs(kernel, d, d, 2)
+    assert kept
+    for bm, bn, w, stages in kept:
+        smem, regs = fa.tile_footprint(kernel, bm, bn, w, stages, d, d, 2)
+        assert smem <= fa.SHARED_MEMORY_BYTES and (regs <= fa.REGISTER_BUDGET or len(kept) == 1)
+    if kernel == "_attn_fwd":
+        assert any(bm <= 64 for bm, *_ in kept)
+        if d <= 128:
+            assert (128, 128, 8, 2) in kept, "128 x 128 tiles with 8 warps fit here"
+    p0, p1 = fa.head_dim_pieces(d)
+    smem_q = 2 * 128 * (p0 + p1)
+    assert fa.tile_footprint("_attn_fwd", 128, 64, 4, 3, d, d, 2)[0] == smem_q + 3 * 64 * 2 * 2 * (p0 + p1)
 
 
 def test_fp32_precision_follows_torch(monkeypatch):
@@ -318,6 +431,26 @@ def test_fp32_precision_follows_torch(monkeypatch):
 def test_gpu_shapes(shape, causal, dtype, seed):
     B, H, Lq, Lk, D = shape
     check(*qkv(B, H, Lq, Lk, D, seed=seed, dtype=dtype), causal=causal, seed=seed)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_gpu_many_heads(seed):
+    """B * H = 70000 programs' worth of heads: more than a second grid axis could hold."""
+    q, k, v, do = qkv(2, 35_000, 16, 16, 16, seed=seed, dtype=torch.bfloat16)
+    check(q, k, v, do, seed=seed)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_gpu_int64_offsets(seed):
+    """The second batch element starts past 2^31 elements: offsets must be computed in 64 bits."""
+    n = 2**31 + 64 * 64
+    storage = torch.empty(n + 64 * 64, dtype=torch.bfloat16, device="cuda")
+    x = storage.as_strided((2, 1, 64, 64), (n, 64 * 64, 64, 1))  # 4 GiB apart
+    x.copy_(randn((2, 1, 64, 64), seed, torch.bfloat16))
+    o = fa.flash_attention(x, x, x)
+    torch.testing.assert_close(o.float(), attention_reference(*(x.float(),) * 3), atol=2e-2, rtol=2e-2)
 
 
 @needs_cuda
