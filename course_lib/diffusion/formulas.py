@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from course_lib.diffusion._checks import check_like
 from course_lib.diffusion.schedules import NoiseSchedule
 
 
@@ -41,14 +42,24 @@ def _check_image(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be batched, shape (B, ...), got {tuple(x.shape)}")
 
 
+check_image = _check_image   # public: samplers validate x_t with it
+
+
+def _check_pair(schedule, x_t, t, other, other_name: str) -> None:
+    """x_t a batched float image, t valid steps for it, `other` (eps, x0, v) a float tensor of x_t's shape."""
+    _check_image("x_t", x_t)
+    check_t(schedule, t, x_t.shape[0])
+    check_like(other_name, other, x_t)
+
+
 def q_sample(schedule: NoiseSchedule, x0, t, noise=None, *, generator=None):
     """Sample q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)  (DDPM eq. 4)."""
     _check_image("x0", x0)
     check_t(schedule, t, x0.shape[0])
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    elif noise.shape != x0.shape:
-        raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
+    else:
+        check_like("noise", noise, x0, "x0")
     return extract(schedule.alpha_bar.sqrt(), t, x0) * x0 + extract((1 - schedule.alpha_bar).sqrt(), t, x0) * noise
 
 
@@ -75,8 +86,7 @@ def q_posterior(schedule: NoiseSchedule, x0, x_t, t):
     Returns (mean, variance, log_variance); log_variance is clipped at t=0 as in ADM.
     """
     _check_image("x0", x0)
-    if x_t.shape != x0.shape:
-        raise ValueError(f"x_t shape {tuple(x_t.shape)} differs from x0 shape {tuple(x0.shape)}")
+    check_like("x_t", x_t, x0, "x0")
     check_t(schedule, t, x0.shape[0])
     c0, ct = posterior_coefficients(schedule)
     mean = extract(c0, t, x_t) * x0 + extract(ct, t, x_t) * x_t
@@ -87,21 +97,21 @@ def q_posterior(schedule: NoiseSchedule, x0, x_t, t):
 
 def x0_from_eps(schedule: NoiseSchedule, x_t, t, eps):
     """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)  (eq. 4 solved for x_0)."""
-    _check_image("x_t", x_t)
-    check_t(schedule, t, x_t.shape[0])
+    _check_pair(schedule, x_t, t, eps, "eps")
     return extract((1 / schedule.alpha_bar).sqrt(), t, x_t) * x_t - extract((1 / schedule.alpha_bar - 1).sqrt(), t, x_t) * eps
 
 
 def eps_from_x0(schedule: NoiseSchedule, x_t, t, x0):
     """eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)  (eq. 4 solved for eps)."""
-    _check_image("x_t", x_t)
-    check_t(schedule, t, x_t.shape[0])
+    _check_pair(schedule, x_t, t, x0, "x0")
     return (extract((1 / schedule.alpha_bar).sqrt(), t, x_t) * x_t - x0) / extract((1 / schedule.alpha_bar - 1).sqrt(), t, x_t)
 
 
 def learned_log_variance(schedule: NoiseSchedule, v, t):
     """ADM's learned range (Improved DDPM eq. 15): log Sigma = v log beta_t + (1 - v) log beta_tilde_t,
     with the network's raw output mapped from [-1, 1] to v in [0, 1]."""
+    _check_image("v", v)
+    check_t(schedule, t, v.shape[0])
     min_log = extract(schedule.posterior_log_variance_clipped(), t, v)
     max_log = extract(schedule.betas.log(), t, v)
     frac = (v + 1) / 2
@@ -112,8 +122,7 @@ def p_mean_from_eps(schedule: NoiseSchedule, x_t, t, eps):
     """The reverse-process mean in eps form (DDPM eq. 11):
     mu_theta = (x_t - beta_t / sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_t).
     Equal to q_posterior's mean with x_0 = x0_from_eps(x_t, eps) (tested)."""
-    _check_image("x_t", x_t)
-    check_t(schedule, t, x_t.shape[0])
+    _check_pair(schedule, x_t, t, eps, "eps")
     coef = extract(schedule.betas / (1 - schedule.alpha_bar).sqrt(), t, x_t)
     return (x_t - coef * eps) / extract(schedule.alphas.sqrt(), t, x_t)
 
@@ -121,6 +130,9 @@ def p_mean_from_eps(schedule: NoiseSchedule, x_t, t, eps):
 def split_model_output(out, channels: int):
     """Split a UNet output into (eps, v): v is None for a fixed-variance model,
     the learned-range interpolation in [-1, 1] for a learned-variance one (2 * channels)."""
+    if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point or out.dim() < 2:
+        raise TypeError(f"the model must return a floating-point tensor shaped (B, C, ...), got "
+                        f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
     if out.shape[1] == channels:
         return out, None
     if out.shape[1] == 2 * channels:

@@ -15,8 +15,14 @@ import torch
 
 def statistics(features: torch.Tensor):
     """Mean (D,) and covariance (D, D) of (N, D) features, in float64."""
+    if not isinstance(features, torch.Tensor) or features.dtype.is_complex or features.dtype == torch.bool:
+        raise TypeError(f"features must be a real tensor (N, D), got {getattr(features, 'dtype', type(features).__name__)}")
     if features.dim() != 2 or features.shape[0] < 2:
         raise ValueError(f"features must be (N, D) with N >= 2, got {tuple(features.shape)}")
+    bad = ~torch.isfinite(features.double()).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"{int(bad.sum())} of {features.shape[0]} feature vectors hold NaN or inf (from NaN or "
+                         "inf images?); FID needs finite samples")
     f = features.double()
     return f.mean(0), torch.cov(f.T)
 
@@ -31,7 +37,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
     Tr((S1 S2)^(1/2)) is computed as Tr((S1^(1/2) S2 S1^(1/2))^(1/2)), which has the same
     eigenvalues and stays symmetric, so eigh is stable."""
-    mu1, mu2, sigma1, sigma2 = (z.double() for z in (mu1, mu2, sigma1, sigma2))
+    mu1, mu2, sigma1, sigma2 = (torch.as_tensor(z).double() for z in (mu1, mu2, sigma1, sigma2))
+    D = mu1.shape[0] if mu1.dim() == 1 else -1
+    if D < 1 or mu2.shape != (D,) or sigma1.shape != (D, D) or sigma2.shape != (D, D):
+        raise ValueError(f"need means of one length D and (D, D) covariances, got {tuple(mu1.shape)}, "
+                         f"{tuple(sigma1.shape)}, {tuple(mu2.shape)}, {tuple(sigma2.shape)} (features of different sizes?)")
+    if not all(bool(torch.isfinite(z).all()) for z in (mu1, mu2, sigma1, sigma2)):
+        raise ValueError("the means and covariances must be finite (NaN or inf in the features?)")
     r1 = _sqrtm_psd(sigma1)
     cross = torch.linalg.eigvalsh(r1 @ sigma2 @ r1).clamp(min=0).sqrt().sum()
     return float(((mu1 - mu2) ** 2).sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * cross)

@@ -28,19 +28,20 @@ Used by lessons 05 and 07.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 from course_lib.diffusion import formulas
-from course_lib.guidance._checks import check_image, check_labels, check_scale, join_output
+from course_lib.guidance._checks import check_image, check_labels, check_scale, check_steps, join_output
 
 
 def cfg_weight_to_scale(w: float) -> float:
     """Ho & Salimans' weight w (0: the conditional model) as the scale s = 1 + w that cfg_eps takes."""
     if isinstance(w, bool) or not isinstance(w, numbers.Real):
         raise TypeError(f"w must be a real number, got {type(w).__name__}")
-    if w < -1:
+    if not math.isfinite(w) or w < -1:
         raise ValueError(f"w must be >= -1 (w = -1 is the unconditional model, s = 1 + w = 0), got {w}")
     return 1.0 + float(w)
 
@@ -72,7 +73,8 @@ def cfg_eps(eps_fn, scale: float, null_class: int):
     def guided(x_t, t, cond=None):
         check_image(x_t)
         B, C = x_t.shape[:2]
-        y = check_labels(cond, B, "classifier-free guidance")
+        check_steps(t, B, "classifier-free guidance")
+        y = check_labels(cond, B, "classifier-free guidance", x_t.device)
         if B and int(y.max()) > null_class:
             raise ValueError(f"class label {int(y.max())} is above null_class={null_class}: the null class "
                              "is the index after the last real class (UNet: num_classes)")

@@ -65,9 +65,11 @@ import torch
 import torch.nn.functional as F
 
 from course_lib.diffusion import formulas
+from course_lib.diffusion._checks import check_index_tensor
 from course_lib.diffusion.schedules import NoiseSchedule
 from course_lib.guidance._checks import check_image, check_labels, check_scale, join_output
 from course_lib.samplers import ddpm
+from course_lib.samplers.respace import check_respaced_index
 
 
 # ---------------------------------------------------------------------------- the gradient
@@ -82,13 +84,18 @@ def classifier_grad(classifier, x_t: torch.Tensor, t: torch.Tensor, y: torch.Ten
     classifier's parameters receive no .grad.
     """
     check_image(x_t)
-    y = check_labels(y, x_t.shape[0], "classifier guidance")
+    y = check_labels(y, x_t.shape[0], "classifier guidance", x_t.device)
+    if x_t.shape[0] == 0:
+        return torch.zeros_like(x_t)                                       # an empty batch has an empty gradient
     if torch.is_inference_mode_enabled():
         raise RuntimeError("classifier guidance differentiates the classifier, and autograd is off under "
                            "torch.inference_mode(); sample under torch.no_grad() instead (loop.sample does)")
     with torch.enable_grad():
         x_in = x_t.detach().clone().requires_grad_(True)
         logits = classifier(x_in, t)                                       # (B, K)
+        if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
+            raise TypeError(f"classifier(x_t, t) must return floating-point logits, got "
+                            f"{getattr(logits, 'dtype', type(logits).__name__)}")
         if logits.dim() != 2 or logits.shape[0] != x_t.shape[0]:
             raise ValueError(f"classifier(x_t, t) must return logits of shape ({x_t.shape[0]}, K), "
                              f"got {tuple(logits.shape)}")
@@ -106,9 +113,10 @@ def classifier_grad(classifier, x_t: torch.Tensor, t: torch.Tensor, y: torch.Ten
 def respaced_classifier(classifier, timesteps: torch.Tensor):
     """classifier(x_t, t) for respaced indices i: it sees t = timesteps[i], the original steps it was
     trained on (the classifier's counterpart of samplers.respace.respaced_model)."""
-    timesteps = torch.as_tensor(timesteps, dtype=torch.long)
+    timesteps = check_index_tensor("timesteps", timesteps, low=0)
 
     def wrapped(x_t, i):
+        i = check_respaced_index(i, len(timesteps))
         return classifier(x_t, timesteps.to(i.device)[i])
     return wrapped
 
@@ -140,7 +148,7 @@ def _check_call(schedule: NoiseSchedule, x_t, t, cond) -> torch.Tensor:
     """Validate a guided call's x_t, t (indices into `schedule`) and labels; return the labels."""
     check_image(x_t)
     formulas.check_t(schedule, t, x_t.shape[0])
-    return check_labels(cond, x_t.shape[0], "classifier guidance")
+    return check_labels(cond, x_t.shape[0], "classifier guidance", x_t.device)
 
 
 def classifier_guided_eps(eps_fn, classifier, schedule: NoiseSchedule, scale: float, *,

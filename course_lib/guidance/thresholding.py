@@ -37,6 +37,7 @@ METHODS = ("clip", "dynamic")
 
 def static_threshold(x0: torch.Tensor) -> torch.Tensor:
     """Imagen's static thresholding: clip x0 to [-1, 1] (the clip_x0 of DDPM and ADM)."""
+    check_image(x0, "x0")
     return x0.clamp(-1, 1)
 
 
@@ -52,7 +53,9 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tens
     """Imagen's dynamic thresholding, per sample: s = max(percentile of |x0|, 1), x0 <- clip(x0, -s, s) / s.
     The percentile interpolates linearly between pixel values (torch.quantile, numpy's default)."""
     percentile = _check_percentile(percentile)
-    check_image(x0)
+    check_image(x0, "x0")
+    if x0.numel() == 0:
+        return x0.clone()                                                 # an empty batch: nothing to threshold
     flat = x0.abs().flatten(1)                                            # (B, C*H*W)
     if flat.dtype not in (torch.float32, torch.float64):                  # quantile wants float or double
         flat = flat.float()

@@ -39,8 +39,11 @@ class FashionClassifier(nn.Module):
 
     def features(self, x):
         """(B, 1, 28, 28) in [-1, 1] -> (B, feature_dim): the space FID is measured in."""
-        if x.dim() != 4 or x.shape[1:] != (self.config.in_channels, 28, 28):
-            raise ValueError(f"expects images shaped (B, {self.config.in_channels}, 28, 28), got {tuple(x.shape)}")
+        from course_lib.nn.unet import check_model_input
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1:] != (self.config.in_channels, 28, 28):
+            raise ValueError(f"expects images shaped (B, {self.config.in_channels}, 28, 28), "
+                             f"got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+        check_model_input(self, x, "x")
         return self.body(x)
 
     def forward(self, x, t=None):
@@ -117,12 +120,13 @@ class NoisyClassifier(nn.Module):
     def forward(self, x_t, t):
         """x_t (B, C, H, W), t (B,) integer steps -> logits (B, num_classes)."""
         cfg = self.config
-        if x_t.dim() != 4 or x_t.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
+        from course_lib.nn.unet import ResBlock, check_model_input, check_timesteps_input
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4 \
+                or x_t.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
             raise ValueError(f"expects x_t shaped (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), "
-                             f"got {tuple(x_t.shape)}")
-        if not isinstance(t, torch.Tensor) or t.shape != (x_t.shape[0],):
-            raise ValueError(f"t must be a tensor of shape ({x_t.shape[0]},)")
-        from course_lib.nn.unet import ResBlock
+                             f"got {tuple(getattr(x_t, 'shape', ())) or type(x_t).__name__}")
+        check_model_input(self, x_t, "x_t")
+        check_timesteps_input(t, x_t)
         emb = self.time_embed(t)
         h = self.conv_in(x_t)
         for block in self.blocks:

@@ -182,31 +182,47 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.norm_groups, cur)
         self.conv_out = zero_module(nn.Conv2d(cur, cfg.out_channels, 3, padding=1))
 
-    def _check(self, x_t, t, y, context):
+    def _check(self, x_t, t, y, context, context_mask=None):
         cfg = self.config
+        if not isinstance(x_t, torch.Tensor):
+            raise TypeError(f"x_t must be a tensor shaped (B, {cfg.in_channels}, H, W), got {type(x_t).__name__}")
         if x_t.dim() != 4 or x_t.shape[1] != cfg.in_channels:
             raise ValueError(f"UNet expects x_t shaped (B, {cfg.in_channels}, H, W), got {tuple(x_t.shape)}")
-        if not x_t.dtype.is_floating_point:
-            raise TypeError(f"x_t must be a floating-point tensor, got {x_t.dtype}")
+        check_model_input(self, x_t, "x_t")
         if x_t.shape[-1] % 2 ** (len(cfg.channel_mults) - 1) or x_t.shape[-2] % 2 ** (len(cfg.channel_mults) - 1):
             raise ValueError(f"height and width must be divisible by {2 ** (len(cfg.channel_mults) - 1)}, "
                              f"got {tuple(x_t.shape[-2:])}")
-        if not isinstance(t, torch.Tensor) or t.shape != (x_t.shape[0],):
-            raise ValueError(f"t must be a tensor of shape ({x_t.shape[0]},), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        check_timesteps_input(t, x_t)
         if y is not None:
             if self.class_embed is None:
                 raise ValueError("this UNet is unconditional (num_classes=None) but y was given")
-            if y.shape != (x_t.shape[0],) or y.dtype.is_floating_point:
-                raise ValueError(f"y must be integer class indices of shape ({x_t.shape[0]},)")
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"y must be a tensor of integer class indices of shape ({x_t.shape[0]},), "
+                                f"got {type(y).__name__}")
+            if y.shape != (x_t.shape[0],) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+                raise ValueError(f"y must be integer class indices of shape ({x_t.shape[0]},), "
+                                 f"got {y.dtype} {tuple(y.shape)}")
             if int(y.min()) < 0 or int(y.max()) > cfg.num_classes:
                 raise ValueError(f"y must lie in [0, {cfg.num_classes}] ({cfg.num_classes} is the null class)")
-        if context is not None and cfg.context_dim is None:
-            raise ValueError("this UNet takes no context (context_dim=None)")
+            if y.device != x_t.device:
+                raise ValueError(f"y is on {y.device} but x_t is on {x_t.device}; move them to one device")
+        if context is not None:
+            if cfg.context_dim is None:
+                raise ValueError("this UNet takes no context (context_dim=None)")
+            if not isinstance(context, torch.Tensor) or not context.dtype.is_floating_point:
+                raise TypeError(f"context must be a floating-point tensor (B, L, {cfg.context_dim}), got "
+                                f"{getattr(context, 'dtype', type(context).__name__)}")
+            if context.dim() != 3 or context.shape[0] != x_t.shape[0] or context.shape[2] != cfg.context_dim:
+                raise ValueError(f"context must be shaped ({x_t.shape[0]}, L, {cfg.context_dim}), "
+                                 f"got {tuple(context.shape)}")
+            if context_mask is not None and (not isinstance(context_mask, torch.Tensor)
+                                             or context_mask.shape != context.shape[:2]):
+                raise ValueError(f"context_mask must be a tensor shaped {tuple(context.shape[:2])} (True: a real "
+                                 f"token), got {tuple(getattr(context_mask, 'shape', ()))}")
 
     def forward(self, x_t, t, y=None, context=None, context_mask=None):
         """x_t (B, C, H, W), t (B,) int, y (B,) class or null class -> (B, out_channels, H, W)."""
-        self._check(x_t, t, y, context)
+        self._check(x_t, t, y, context, context_mask)
         emb = self.time_embed(t)                                     # (B, E)
         if self.class_embed is not None:
             if y is None:  # unconditional use of a conditional model: the null class
@@ -234,6 +250,45 @@ class UNet(nn.Module):
     @staticmethod
     def _attn(block, h, context, context_mask):
         return h if isinstance(block, nn.Identity) else block(h, context, context_mask)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:   # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def check_model_input(model: nn.Module, x, name: str = "x_t") -> None:
+    """A model's image input: a floating-point tensor with a non-empty batch, of the weights' dtype
+    (unless autocast is on, which casts it) and on the weights' device. Errors here, not in a conv."""
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); give at least one image")
+    p = next(model.parameters(), None)
+    if p is None:
+        return
+    if x.device != p.device:
+        raise ValueError(f"{name} is on {x.device} but the model's weights are on {p.device}; "
+                         f"move one to the other (model.to(x.device))")
+    if x.dtype != p.dtype and not _autocast_on(x.device.type):
+        raise TypeError(f"{name} is {x.dtype} but the model's weights are {p.dtype}: cast the input "
+                        f"(x.to({p.dtype})) or run under autocast (runtime.autocast)")
+
+
+def check_timesteps_input(t, x) -> None:
+    """t for a model: an integer tensor of shape (B,) on x's device with t >= 0 (a float t such as
+    0.5 is an error: the models are trained on integer steps)."""
+    if not isinstance(t, torch.Tensor) or t.shape != (x.shape[0],):
+        raise ValueError(f"t must be a tensor of shape ({x.shape[0]},), got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"t must be an integer tensor (torch.long) of diffusion steps, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"t is on {t.device} but x_t is on {x.device}; move them to one device")
+    if int(t.min()) < 0:
+        raise ValueError(f"t must be >= 0 (a diffusion step 0..T-1), got {int(t.min())}")
 
 
 def count_parameters(model: nn.Module) -> int:

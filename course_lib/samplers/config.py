@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from course_lib.diffusion._checks import check_int, check_real
 from course_lib.diffusion.schedules import NoiseSchedule
 from course_lib.samplers import ddim, dpm_solver, loop, respace
 from course_lib.samplers.ddpm import VARIANCES, ddpm_step
@@ -42,10 +43,16 @@ class SamplerConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {self.spacing!r}; choose one of {SPACINGS}")
-        if self.steps < 1:
+        if check_int("steps", self.steps) < 1:
             raise ValueError(f"need at least one sampling step, got {self.steps}")
-        if self.eta < 0 or (self.eta != 0 and self.method != "ddim"):
-            raise ValueError(f"eta={self.eta}: eta >= 0 is DDIM's knob; {self.method} takes eta = 0 only")
+        ddim.check_eta(self.eta)                      # finite and >= 0, for every method
+        if self.eta != 0 and self.method != "ddim":
+            raise ValueError(f"eta={self.eta}: eta is DDIM's knob; {self.method} takes eta = 0 only")
+        check_real("rho", self.rho, low=0.0, low_open=True)
+        if self.sigma_max is not None:
+            check_real("sigma_max", self.sigma_max, low=0.0, low_open=True)
+        if not isinstance(self.clip_x0, bool):
+            raise TypeError(f"clip_x0 must be True or False, got {self.clip_x0!r}")
         if self.method == "ddpm" and self.variance not in VARIANCES:
             raise ValueError(f"unknown variance {self.variance!r}; choose one of {VARIANCES}")
 

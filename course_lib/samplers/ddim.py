@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from course_lib.diffusion import formulas
+from course_lib.diffusion._checks import check_index_tensor, check_int, check_like, check_real
 from course_lib.diffusion.schedules import NoiseSchedule
 from course_lib.samplers.ddpm import StepOutput
 
@@ -53,9 +54,7 @@ def draw_noise(x: torch.Tensor, noise=None, generator=None) -> torch.Tensor:
     """The step's z ~ N(0, I): `noise` if given (checked), else drawn from `generator`."""
     if noise is None:
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    if noise.shape != x.shape:
-        raise ValueError(f"noise shape {tuple(noise.shape)} differs from x_t shape {tuple(x.shape)}")
-    return noise
+    return check_like("noise", noise, x)
 
 
 # ---------------------------------------------------------------------------- the step
@@ -63,21 +62,30 @@ def draw_noise(x: torch.Tensor, noise=None, generator=None) -> torch.Tensor:
 def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta: float):
     """sigma_t(eta) of DDIM eq. (16): eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev),
     a = alpha_bar. eta = 1 with a_prev = alpha_bar_{t-1} is DDPM's beta_tilde_t (its square)."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0 (0: DDIM, 1: DDPM's variance), got {eta}")
+    eta = check_eta(eta)
     alpha_bar_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64)
     alpha_bar_prev = torch.as_tensor(alpha_bar_prev, dtype=torch.float64)
     return eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
 
 
+def check_eta(eta) -> float:
+    """DDIM's eta: a finite number >= 0 (0: DDIM, 1: DDPM's variance; above 1 only where eq. 16 allows)."""
+    try:
+        return check_real("eta", eta, low=0.0)
+    except ValueError:
+        raise ValueError(f"eta must be >= 0 and finite (0: DDIM, 1: DDPM's variance), got {eta}") from None
+
+
 def _check_eps(x_t, eps) -> None:
-    if eps.shape != x_t.shape:
+    if isinstance(eps, torch.Tensor) and eps.shape != x_t.shape:
         raise ValueError(f"eps shape {tuple(eps.shape)} differs from x_t shape {tuple(x_t.shape)}; "
                          "split a learned-variance output first (formulas.split_model_output)")
+    check_like("eps", eps, x_t)
 
 
 def check_step(schedule: NoiseSchedule, x_t, t, t_prev, eps) -> None:
     """Validate a step's inputs: integer t, t_prev of shape (B,), -1 <= t_prev < t, eps like x_t."""
+    formulas.check_image("x_t", x_t)
     formulas.check_t(schedule, t, x_t.shape[0])
     formulas.check_t(schedule, t_prev, x_t.shape[0], allow_end=True)
     if not bool((t_prev < t.to(t_prev.device)).all()):
@@ -99,6 +107,7 @@ def ddim_step(schedule: NoiseSchedule, x_t, t, t_prev, eps, *, eta: float = 0.0,
               noise=None, generator=None) -> StepOutput:
     """One step of DDIM from t to any t_prev < t, DDIM eq. (12) with sigma_t from eq. (16).
     Noise is drawn (or `noise` used) only when eta > 0; at t_prev = -1 sigma_t is 0."""
+    eta = check_eta(eta)
     check_step(schedule, x_t, t, t_prev, eps)
     x0, eps = predict_x0(schedule, x_t, t, eps, clip_x0)                   # 1. "predicted x_0", f_theta
     a_t, a_prev = alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_prev)  # alpha_t, alpha_{t-1} (paper)
@@ -124,6 +133,8 @@ def timesteps(T: int, n: int, spacing: str = "leading", *, offset: int = 0) -> t
     "linspace": round(linspace(0, T - 1, n)): both ends 0 and T-1 (for n = 1 only 0, as numpy).
     Computed with numpy exactly as diffusers does, so the indices agree to the integer.
     """
+    T, n = check_int("T", T, minimum=1), check_int("n (the number of sampling steps)", n)
+    offset = check_int("offset", offset, minimum=0)
     if not 1 <= n <= T:
         raise ValueError(f"need 1 <= n <= T sampling steps, got n={n} for T={T}")
     if spacing not in SPACINGS:
@@ -155,6 +166,7 @@ def ddim_invert_step(schedule: NoiseSchedule, x_t, t, t_next, eps) -> InvertOutp
     x_next = sqrt(alpha_bar_next) x0 + sqrt(1 - alpha_bar_next) eps, x0 = (x_t - sqrt(1 - alpha_bar_t) eps)
     / sqrt(alpha_bar_t). It is the exact inverse of ddim_step(x_next, t_next, t, eps) for the same eps,
     so `invert` evaluates eps at (x_t, t_next), the step's target time, as the sampler will."""
+    formulas.check_image("x_t", x_t)
     formulas.check_t(schedule, t, x_t.shape[0], allow_end=True)
     formulas.check_t(schedule, t_next, x_t.shape[0])
     if not bool((t < t_next.to(t.device)).all()):
@@ -166,8 +178,8 @@ def ddim_invert_step(schedule: NoiseSchedule, x_t, t, t_next, eps) -> InvertOutp
     return InvertOutput(x_next, x0)
 
 
-def _sorted_steps(ts) -> torch.Tensor:
-    ts = torch.as_tensor(ts, dtype=torch.long).flatten().unique()   # unique() sorts increasing
+def _sorted_steps(ts, T: int | None = None) -> torch.Tensor:
+    ts = check_index_tensor("timesteps", ts, low=0, high=None if T is None else T - 1).unique()  # sorted
     if ts.numel() == 0:
         raise ValueError("timesteps is empty")
     return ts
@@ -182,7 +194,7 @@ def invert(eps_fn, schedule: NoiseSchedule, x0, timesteps, cond=None, progress: 
         raise TypeError("x0 must be a batched floating-point image tensor, shape (B, C, H, W)")
     x, B = x0, x0.shape[0]
     t = torch.full((B,), -1, dtype=torch.long, device=x0.device)
-    for t_next_i in tqdm(_sorted_steps(timesteps).tolist(), disable=not progress, desc="inverting"):
+    for t_next_i in tqdm(_sorted_steps(timesteps, schedule.T).tolist(), disable=not progress, desc="inverting"):
         t_next = torch.full((B,), t_next_i, dtype=torch.long, device=x0.device)
         eps, _ = formulas.split_model_output(eps_fn(x, t_next, cond), x.shape[1])
         x, t = ddim_invert_step(schedule, x, t, t_next, eps).x_next, t_next
@@ -192,7 +204,8 @@ def invert(eps_fn, schedule: NoiseSchedule, x0, timesteps, cond=None, progress: 
 def reconstruct(eps_fn, schedule: NoiseSchedule, x_T, timesteps, cond=None, progress: bool = True):
     """eta = 0 DDIM sampling from a given x_T over `timesteps`: the decoder that undoes `invert`."""
     from course_lib.samplers.loop import sample   # here, so that loop.py may import this module
-    return sample(eps_fn, schedule, x_T.shape, step=ddim_step, timesteps=_sorted_steps(timesteps),
+    formulas.check_image("x_T", x_T)
+    return sample(eps_fn, schedule, x_T.shape, step=ddim_step, timesteps=_sorted_steps(timesteps, schedule.T),
                   cond=cond, x_T=x_T, progress=progress, eta=0.0)
 
 
@@ -201,10 +214,21 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha) -> torch.Tensor:
     sin((1 - alpha) theta) / sin(theta) z0 + sin(alpha theta) / sin(theta) z1, theta the angle between
     z0 and z1, per batch item (all dims after the first flattened). alpha: a float or a (B,) tensor.
     Keeps the norm when |z0| = |z1|, unlike lerp; falls back to lerp for (nearly) parallel inputs."""
+    for name, z in (("z0", z0), ("z1", z1)):
+        if not isinstance(z, torch.Tensor) or not z.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(z, 'dtype', type(z).__name__)}")
     if z0.shape != z1.shape or z0.dim() < 1:
         raise ValueError(f"z0 and z1 must be batched and of one shape, got {tuple(z0.shape)}, {tuple(z1.shape)}")
-    a = per_sample(torch.as_tensor(alpha, dtype=torch.float64).expand(z0.shape[0]), z0)
+    check_like("z1", z1, z0, "z0")
+    alpha = torch.as_tensor(alpha, dtype=torch.float64)
+    if alpha.numel() not in (1, z0.shape[0]) or not bool(torch.isfinite(alpha).all()):
+        raise ValueError(f"alpha must be a finite number or a ({z0.shape[0]},) tensor of them, got {alpha.tolist()}")
+    a = per_sample(alpha.flatten().expand(z0.shape[0]), z0)
     u0, u1 = z0.flatten(1), z1.flatten(1)
+    if bool(((u0.norm(dim=1) == 0) | (u1.norm(dim=1) == 0)).any()):
+        raise ValueError("slerp of a zero vector: the angle to it is undefined (z0 and z1 must be non-zero)")
+    if not bool(torch.isfinite(u0).all() and torch.isfinite(u1).all()):
+        raise ValueError("z0 and z1 must be finite (no NaN or inf)")
     cos = ((u0 * u1).sum(1) / (u0.norm(dim=1) * u1.norm(dim=1))).clamp(-1, 1)
     theta = per_sample(torch.arccos(cos), z0)
     sin = torch.sin(theta)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from course_lib.diffusion import formulas
+from course_lib.diffusion._checks import check_like
 from course_lib.diffusion.schedules import NoiseSchedule
 
 VARIANCES = ("small", "large", "learned")
@@ -36,6 +37,7 @@ def log_variance(schedule: NoiseSchedule, t, x_t, variance: str, v=None):
         if v is None:
             raise ValueError("variance='learned' needs the model's variance output v "
                              "(a UNet built with learn_sigma=True)")
+        check_like("v", v, x_t)
         return formulas.learned_log_variance(schedule, v, t)
     raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
 
@@ -43,16 +45,18 @@ def log_variance(schedule: NoiseSchedule, t, x_t, variance: str, v=None):
 def ddpm_step(schedule: NoiseSchedule, x_t, t, t_prev, eps, *, variance: str = "small", v=None,
               clip_x0: bool = True, noise=None, generator=None) -> StepOutput:
     """One step of Algorithm 2 from t to t_prev = t - 1 (t_prev = -1 returns the mean: no noise at the end)."""
+    x0 = formulas.x0_from_eps(schedule, x_t, t, eps)                      # 1. predict x_0 (checks x_t, t, eps)
     formulas.check_t(schedule, t_prev, x_t.shape[0], allow_end=True)
-    if not bool((t_prev == t - 1).all()):
+    if not bool((t_prev == t.to(t_prev.device) - 1).all()):
         raise ValueError("ddpm_step moves one step at a time (t_prev = t - 1); "
                          "for fewer steps respace the schedule (samplers.respace) or use ddim_step")
-    x0 = formulas.x0_from_eps(schedule, x_t, t, eps)                      # 1. predict x_0
     if clip_x0:
         x0 = x0.clamp(-1, 1)
     mean, _, _ = formulas.q_posterior(schedule, x0, x_t, t)               # 2. posterior mean, eq. (7)
     log_var = log_variance(schedule, t, x_t, variance, v)                 # 3. sigma_t^2
     if noise is None:
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-    nonzero = (t > 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))  # no noise at the last step
+    else:
+        check_like("noise", noise, x_t)
+    nonzero = (t.to(x_t.device) > 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))  # no noise at the last step
     return StepOutput(mean + nonzero * torch.exp(0.5 * log_var) * noise, x0)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from course_lib.diffusion._checks import check_int, check_real
 from course_lib.diffusion.schedules import NoiseSchedule
 from course_lib.samplers.ddim import alpha_bar_at, check_step, per_sample, predict_x0
 from course_lib.samplers.ddpm import StepOutput
@@ -119,12 +120,15 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     """Karras et al. 2022, eq. (5): sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho)
     - sigma_max^(1/rho)))^rho, i = 0..n-1, float64, decreasing from sigma_max to sigma_min.
     Karras's final sigma_N = 0 is not included: in our samplers it is t_prev = -1."""
-    if n < 1:
+    if check_int("n", n) < 1:
         raise ValueError(f"need n >= 1 noise levels, got {n}")
+    sigma_min, sigma_max = check_real("sigma_min", sigma_min), check_real("sigma_max", sigma_max)
     if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    if rho <= 0:
-        raise ValueError(f"rho must be positive, got {rho}")
+        raise ValueError(f"need 0 < sigma_min < sigma_max, both finite, got {sigma_min}, {sigma_max}")
+    try:
+        rho = check_real("rho", rho, low=0.0, low_open=True)
+    except ValueError:
+        raise ValueError(f"rho must be positive and finite (Karras: 7), got {rho}") from None
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
@@ -137,7 +141,10 @@ def sigmas_to_timesteps(schedule: NoiseSchedule, sigmas, *, interpolate: bool = 
     if schedule.T < 2:
         raise ValueError("need a schedule of at least 2 steps to interpolate sigmas")
     log_s = schedule_sigmas(schedule).log()                           # (T,), increasing
-    log_q = torch.as_tensor(sigmas, dtype=torch.float64).clamp(min=1e-10).log()
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
+        raise ValueError("sigmas must be finite and >= 0 (noise levels sqrt(1 / alpha_bar - 1))")
+    log_q = sigmas.clamp(min=1e-10).log()
     low = (torch.searchsorted(log_s, log_q, right=True) - 1).clamp(0, schedule.T - 2)
     w = ((log_s[low] - log_q) / (log_s[low] - log_s[low + 1])).clamp(0, 1)
     t = low + w

@@ -95,16 +95,17 @@ def _default_mode() -> int:
 
 
 def _temporary(path: Path) -> Path:
-    """A new empty file beside `path`, named PATH.PID.RANDOM.tmp, with the usual file mode."""
+    """A new empty file beside `path`, named PATH.PID.RANDOM.tmp."""
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, _default_mode())
     return Path(tmp)
 
 
 def _fsync(path) -> None:
+    """Flush a written temporary to disk and give it the usual file mode (mkstemp's is 0o600)."""
+    os.chmod(path, _default_mode())
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 

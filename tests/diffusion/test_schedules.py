@@ -118,7 +118,7 @@ def test_bad_linear_endpoints(start, end):
 
 @pytest.mark.parametrize("betas", [[], [0.0, 0.1], [0.1, 1.5], [-0.1, 0.2], [float("nan")]])
 def test_bad_betas(betas):
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
         NoiseSchedule.from_betas(torch.tensor(betas, dtype=torch.float64))
 
 
