@@ -19,6 +19,13 @@ the two; with one thread they agree on an idle machine).
   python benchmarks/unet_step.py                # timing, writes benchmarks/results/unet_step.txt
   python benchmarks/unet_step.py --quality      # also train each on Fashion-MNIST, compare L_simple
   python benchmarks/unet_step.py --profile      # torch.profiler tables of one step of each
+  python benchmarks/unet_step.py --efficiency-only --threads 1 2   # only the efficiency table
+
+Efficiency (always printed): the FLOP of one step by torch.utils.flop_counter (matmuls, convolutions
+and attention, forward and backward; elementwise work is not counted), the achieved GFLOP/s
+(FLOP / median wall time of a step), and its ratio to the sgemm peak measured in the same run at the
+same thread count (a 2048x2048 fp32 matmul on a CPU, 8192x8192 on a GPU), at 1 thread and at
+runtime.threads() (all the cores the affinity mask allows), with the speed-up of all threads over one.
 
 On a shared machine: OMP_NUM_THREADS=1 nice -n 19 python benchmarks/unet_step.py
 """
@@ -28,6 +35,7 @@ import argparse
 import contextlib
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -42,6 +50,10 @@ from course_lib.diffusion.schedules import schedule as make_schedule
 from course_lib.nn.unet import UNet, UNetConfig, count_parameters, preset
 
 RESULT = Path(__file__).resolve().parent / "results" / "unet_step.txt"
+OVER_PEAK = ("over 100% of the sgemm rate: the sgemm is not this CPU's ceiling here. The step's convolutions "
+             "are direct (no Winograd: ONEDNN_VERBOSE=1 shows alg:convolution_direct, jit:avx512_core), so the "
+             "counted FLOP are executed; torch's sgemm is MKL's (BLAS_INFO=mkl), probably not on its fastest path "
+             "on this non-Intel CPU, while oneDNN's convolutions run its AVX-512 JIT kernels")
 T = 1000
 OURS = "course_lib UNet"
 SAME = "diffusers, same layout"
@@ -96,7 +108,10 @@ def cpu_name() -> str:
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA); host CPU {cpu_name()}"
-    return f"{cpu_name()} ({os.cpu_count()} logical CPUs visible)"
+    from course_lib import runtime
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in runtime._cpu_flags()]
+    return (f"{cpu_name()} ({os.cpu_count()} logical CPUs visible, {runtime.threads()} in this process's share of "
+            f"the affinity mask; {', '.join(isa) or 'no AVX2'})")
 
 
 def sync(device):
@@ -147,6 +162,59 @@ def time_steps(models, batch, steps, warmup, bf16, device, seed):
                 wall[name].append(time.perf_counter() - w)
                 cpu[name].append(time.process_time() - c)
     return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in models}
+
+
+def sgemm_gflops(device, n: int | None = None, repeats: int = 5) -> tuple[float, float]:
+    """The machine's fp32 matmul rate at the current thread count, an n x n sgemm: (median GFLOP per
+    wall second, median GFLOP per CPU second of this process; on a shared CPU the steadier one)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g).to(device), torch.randn(n, n, generator=g).to(device)
+    a @ b                                                   # warm-up
+    wall, cpu = [], []
+    for _ in range(repeats):
+        sync(device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        a @ b
+        sync(device)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return 2 * n ** 3 / statistics.median(wall) / 1e9, 2 * n ** 3 / statistics.median(cpu) / 1e9
+
+
+def step_flops(model, fn, batch, device, seed) -> float:
+    """FLOP of one training step (forward + backward) by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    sched = make_schedule("linear", T)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x0, t, noise = random_batches(1, batch, device, seed)[0]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(fn, opt, sched, x0, t, noise, False, device)
+    return float(counter.get_total_flops())
+
+
+def efficiency(cfg, batch, steps, warmup, device, seed, thread_counts) -> list[str]:
+    """Rows of the efficiency table of the course's UNet, fp32, one per thread count."""
+    flops = None
+    rows, base = [], None
+    for n in thread_counts:
+        torch.set_num_threads(n)
+        torch.manual_seed(seed)
+        model = UNet(cfg).to(device)
+        fn = lambda x, t, m=model: m(x, t)
+        if flops is None:
+            flops = step_flops(model, fn, batch, device, seed)
+        peak, peak_cpu = sgemm_gflops(device)
+        wall, cpu = time_steps({OURS: (model, fn)}, batch, steps, warmup, False, device, seed)[OURS]
+        base = base or wall
+        achieved, achieved_cpu = flops / wall / 1e9, flops / cpu / 1e9
+        rows.append(f"{n if device.type == 'cpu' else '-':>7} {wall:>11.3f} {cpu:>10.3f} {flops / 1e9:>11.1f} "
+                    f"{achieved:>9.1f} {peak:>11.1f} {100 * achieved / peak:>9.0f}% {base / wall:>9.2f}x"
+                    + (f" {achieved_cpu:>10.1f} {peak_cpu:>11.1f} {100 * achieved_cpu / peak_cpu:>9.0f}%"
+                       if device.type == "cpu" else ""))
+        print(rows[-1], flush=True)
+    return rows
 
 
 def quality(cfg, steps, batch, lr, bf16, device, seed, eval_batches=8):
@@ -210,15 +278,42 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one fp32 step of each")
     p.add_argument("--out", default=str(RESULT))
     p.add_argument("--note", default="", help="a line about the conditions, written with the results")
+    p.add_argument("--threads", default="1 all", help="thread counts of the efficiency table, e.g. '1 2' "
+                   "('all' = runtime.threads(): the affinity mask, COURSE_THREADS or OMP_NUM_THREADS)")
+    p.add_argument("--efficiency-only", action="store_true", help="skip the diffusers comparison")
     args = p.parse_args(argv)
+    from course_lib import runtime
     device = torch.device(args.device)
     load_start = os.getloadavg()[0]
     cfg = preset("fashion")
+    threads = runtime.set_threads()
+    thread_counts = sorted({threads if n == "all" else int(n) for n in args.threads.split()})
+    if device.type == "cuda":
+        thread_counts = [threads]
+
+    lines = [f"Efficiency: course_lib preset('fashion') training step, fp32, batch {args.batch}; medians of "
+             f"{args.steps} steps after {args.warmup} warm-up; FLOP by torch.utils.flop_counter (matmul, conv, "
+             "attention; forward + backward); peak = fp32 sgemm "
+             f"{'8192' if device.type == 'cuda' else '2048'}^2 measured in this run at the same threads",
+             "wall columns: GFLOP per wall second; CPU columns: GFLOP per CPU second of this process (summed "
+             "over its threads), the steadier measure when other jobs share the CPU",
+             f"{'threads':>7} {'wall s/step':>11} {'CPU s/step':>10} {'GFLOP/step':>11} {'GFLOP/s':>9} "
+             f"{'sgemm GF/s':>11} {'of peak':>10} {'speed-up':>10}"
+             + (f" {'GF/CPU-s':>10} {'sgemm/CPU-s':>11} {'of peak':>10}" if device.type == "cpu" else "")]
+    print("\n".join(lines), flush=True)
+    lines += efficiency(cfg, args.batch, args.steps, args.warmup, device, args.seed, thread_counts)
+    if any(float(pct) > 100 for row in lines[-len(thread_counts):] for pct in re.findall(r"([\d.]+)%", row)):
+        lines.append(OVER_PEAK)
+        print(OVER_PEAK, flush=True)
+    torch.set_num_threads(threads)
+    lines.append("")
+    if args.efficiency_only:
+        return _write(args, lines, [], device, threads, load_start, len(lines))
     models = build_models(cfg, args.seed, device)
     n_ours = count_parameters(models[OURS][0])
-    threads = torch.get_num_threads()
 
-    lines = [f"UNet training step (forward + L_simple backward + AdamW), batch {args.batch}, 1x28x28, "
+    first = len(lines)
+    lines += [f"UNet training step (forward + L_simple backward + AdamW), batch {args.batch}, 1x28x28, "
              f"t uniform in [0, {T}), random data; course_lib preset('fashion')",
              f"medians of {args.steps} steps after {args.warmup} warm-up, models interleaved, one process; "
              "no padding (28 -> 14 -> 7)", ""]
@@ -227,7 +322,7 @@ def main(argv=None) -> int:
         lines.append(f"  {name:<48}{n:>11,} parameters ({100 * (n - n_ours) / n_ours:+.1f}%)")
     lines += ["", f"{'precision':<14}{'model':<48}{'wall s/step':>12}{'CPU s/step':>12}"
                   f"{'x ours (wall)':>15}{'x ours (CPU)':>14}"]
-    print("\n".join(lines), flush=True)
+    print("\n".join(lines[first:]), flush=True)
     ratios = []
     for bf16 in ([False] if args.no_bf16 else [False, True]):
         med = time_steps(models, args.batch, args.steps, args.warmup, bf16, device, args.seed)
@@ -251,14 +346,28 @@ def main(argv=None) -> int:
             lines.append(f"  {name:<48} held-out L_simple {loss:.4f}   ({seconds:.0f} s of training)")
     else:
         lines += ["", "quality: not measured in this run (--quality trains each on Fashion-MNIST)"]
+    _write(args, lines, ratios, device, threads, load_start, printed)
 
-    lines += ["",
-              f"ratio (diffusers time / course_lib time, {'CPU' if device.type == 'cpu' else 'wall'} time): "
-              + "; ".join(ratios),
-              f"hardware: {hardware(device)}; device {device.type}; torch.get_num_threads() = {threads}"
+    if args.profile:
+        for name, (model, fn) in build_models(cfg, args.seed, device).items():
+            print(f"\n== profile: one fp32 training step of {name} ==")
+            print(profile(model, fn, args.batch, False, device, args.seed))
+    return 0
+
+
+def _write(args, lines, ratios, device, threads, load_start, printed) -> int:
+    """The closing lines (ratios, hardware, versions, load), printed and written to --out."""
+    if ratios:
+        lines += ["", f"ratio (diffusers time / course_lib time, {'CPU' if device.type == 'cpu' else 'wall'} "
+                      "time): " + "; ".join(ratios)]
+    try:
+        diffusers_version = __import__("diffusers").__version__
+    except ImportError:
+        diffusers_version = "not installed"
+    lines += [f"hardware: {hardware(device)}; device {device.type}; torch.get_num_threads() = {threads}"
               f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
               f"{', single-threaded' if threads == 1 else ''})",
-              f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}, "
+              f"torch {torch.__version__}, diffusers {diffusers_version}, "
               f"python {platform.python_version()}; 1-minute load average {load_start:.2f} at the start, "
               f"{os.getloadavg()[0]:.2f} at the end"]
     if args.note:
@@ -268,11 +377,6 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
-
-    if args.profile:
-        for name, (model, fn) in build_models(cfg, args.seed, device).items():
-            print(f"\n== profile: one fp32 training step of {name} ==")
-            print(profile(model, fn, args.batch, False, device, args.seed))
     return 0
 
 
