@@ -143,7 +143,7 @@ def _keep(offs_m, offs_n, kpm, Lk, causal_offset, CAUSAL: tl.constexpr, HAS_KPM:
     """(BLOCK_M, BLOCK_N) bool: may query offs_m[i] see key offs_n[j]?
 
     Keys past Lk are padding of the last block. Causal, aligned at the end:
-    j <= i + causal_offset with causal_offset = Lk - Lq. kpm: (BLOCK_N,) int8, 1 = real key.
+    j <= i + causal_offset with causal_offset = Lk - Lq. kpm: (BLOCK_N,) int32, 1 = real key.
     """
     keep = (offs_m[:, None] >= 0) & (offs_n[None, :] < Lk)
     if CAUSAL:
@@ -239,7 +239,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, PAD_CUM,
     """Program p computes O[b, h, m*BLOCK_M : (m+1)*BLOCK_M] and its logsumexp, p = (b*H + h) * n_m + m.
 
     Q (B, H, Lq, D), K (B, H, Lk, D), V (B, H, Lk, Dv) -> O (B, H, Lq, Dv) and LSE (B, H, Lq) fp32
-    in log2 units, +inf for rows that see no key. KPM (B, Lk) int8 and PAD_CUM (B, Lk + 1) int32
+    in log2 units, +inf for rows that see no key. KPM (B, Lk) int32 and PAD_CUM (B, Lk + 1) int32
     when HAS_KPM. HEAD_DIM = D = D0 + D1 (minus padding), HEAD_DIM_V = Dv = DV0 + DV1 (idem).
     One grid axis: the query blocks of one head are neighbours (they share K and V in L2), and
     B * H is not limited to the 65535 of a second grid axis.
@@ -641,11 +641,12 @@ def is_interpreted() -> bool:
 # BLOCK_N keys in registers and streams narrow query blocks past them; the dQ program the
 # other way round (the Triton tutorial's 32 x 128 and 128 x 32). Every product keeps at least 64 rows
 # (BLOCK_N for the dK/dV program's, BLOCK_M for the others): Hopper's wgmma works on 64-row slabs, and
-# Triton falls back to the older mma.sync below that.
+# Triton falls back to the older mma.sync below that; and every streamed tile gives each thread at
+# least 2 elements of a 16-wide piece, since one 2-byte element per thread can only load as a scalar.
 CONFIGS = {
     "_attn_fwd": [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-    "_attn_bwd_dkdv": [(32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (16, 64, 8, 2)],
-    "_attn_bwd_dq": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 16, 8, 2)],
+    "_attn_bwd_dkdv": [(32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 8, 2)],
+    "_attn_bwd_dq": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 16, 4, 2)],
 }
 SHARED_MEMORY_BYTES = 227 * 1024  # per block on sm_90 (H100, H200); sm_80 has 163 KB
 REGISTER_BUDGET = 128             # fp32 values per thread the tiles below may take (255 is the hardware limit)
@@ -786,7 +787,10 @@ def _dims(q, v):
 
 
 def _kpm_args(kpm, dummy):
-    """KPM (B, Lk) int8 and PAD_CUM (B, Lk + 1) int32 with their strides, or unused stand-ins."""
+    """KPM (B, Lk) int32 and PAD_CUM (B, Lk + 1) int32 with their strides, or unused stand-ins.
+
+    int32 rather than int8: 4 bytes per key cost nothing beside Q, K and V, and keep the mask's loads
+    apart from 2-byte loads in the compiled code (ptx_report counts those as scalar loads of Q, K, V)."""
     if kpm is None:
         return (dummy, dummy), (0, 0, 0)
     pad_cum = torch.nn.functional.pad((kpm == 0).to(torch.int32).cumsum(1, dtype=torch.int32), (1, 0))
@@ -885,7 +889,7 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, key_padding_mask, scale, precision, deterministic):
-        kpm = None if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.int8)
+        kpm = None if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.int32)
         o, lse = _forward(q, k, v, causal, kpm, scale, precision)
         ctx.save_for_backward(q, k, v, o, lse, kpm)
         ctx.causal, ctx.scale, ctx.precision, ctx.deterministic = causal, scale, precision, deterministic

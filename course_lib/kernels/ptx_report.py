@@ -39,7 +39,7 @@ PATTERNS = {
     "tma": r"\bcp\.async\.bulk\.tensor",                      # Hopper's tensor memory accelerator
     "ld_v4": r"\bld\.global(?:\.[\w:]+)*\.v4\.",             # 16-byte vector loads (or v4 of 32 bit)
     "ld_v2": r"\bld\.global(?:\.[\w:]+)*\.v2\.",
-    "ld_scalar_16": r"\bld\.global(?:\.[\w:]+)*\.[bu]16\b",   # one bf16/fp16 element per instruction
+    "ld_scalar_16": r"\bld\.global(?:\.(?!v[248]\b)[\w:]+)*\.[bu]16\b",  # one bf16/fp16 element per instruction
     "wgmma": r"\bwgmma\.mma_async",
     "mma_sync": r"\bmma\.sync",
     "atom": r"\b(?:red|atom)\.global",
@@ -70,7 +70,7 @@ def _sample_inputs(d, dv, dtype, L=1024, B=2, H=8):
         return torch.empty(*shape, dtype=dt)
     q, k, v, o, do = t(B, H, L, d), t(B, H, L, d), t(B, H, L, dv), t(B, H, L, dv), t(B, H, L, dv)
     lse, delta = t(B, H, L, dt=torch.float32), t(B, H, L, dt=torch.float32)
-    kpm = torch.ones(B, L, dtype=torch.int8)
+    kpm = torch.ones(B, L, dtype=torch.int32)
     return q, k, v, o, do, lse, delta, kpm
 
 
