@@ -4,6 +4,8 @@ DDIM and DPM-Solver (samplers.loop.sample) run guided models unchanged.
     classifier.py    classifier guidance (Dhariwal & Nichol 2021): eps form (Algorithm 2, any
                      sampler) and mean form (Algorithm 1, for ddpm_step); lesson 04
     cfg.py           classifier-free guidance (Ho & Salimans 2022), one batched pass; lesson 05
+    clip.py          CLIP guidance (GLIDE sec. 2.4): a noise-aware CLIP at x_t, or a clean CLIP
+                     on the predicted x0; lesson 06
     thresholding.py  clipping and Imagen's dynamic thresholding of the predicted x0
 
 Conventions shared by every wrapper:
@@ -19,11 +21,13 @@ from course_lib.guidance.cfg import cfg_combine, cfg_eps, cfg_scale_to_weight, c
 from course_lib.guidance.classifier import (classifier_grad, classifier_guided_eps, classifier_guided_mean,
                                             mean_guided_eps, respaced_classifier, score_guided_eps,
                                             step_variance)
+from course_lib.guidance.clip import clip_guided_eps, similarity_grad, text_embeddings
 from course_lib.guidance.thresholding import dynamic_threshold, static_threshold, threshold, threshold_eps
 
 __all__ = [
     "classifier_grad", "classifier_guided_eps", "classifier_guided_mean", "respaced_classifier",
     "score_guided_eps", "mean_guided_eps", "step_variance",
     "cfg_eps", "cfg_combine", "cfg_weight_to_scale", "cfg_scale_to_weight",
+    "clip_guided_eps", "similarity_grad", "text_embeddings",
     "static_threshold", "dynamic_threshold", "threshold", "threshold_eps",
 ]

@@ -51,6 +51,9 @@ PRESETS = {
     # ~1.2M parameters: the Fashion-MNIST model of lessons 02-05 (one ResBlock per level down,
     # two up: half the cost of ADM's two/three, chosen to train in about an hour on one CPU core)
     "fashion": UNetConfig(num_res_blocks=1),
+    # ~1.2M parameters: the 32x32 RGB shapes model of lessons 06-07 (levels 32, 16, 8; attention
+    # at 8x8, 64 positions), the fashion model's widths with three input channels
+    "shapes": UNetConfig(image_size=32, in_channels=3, attention_resolutions=(8,), num_res_blocks=1),
     # a toy for tests and the visible training demonstration
     "tiny": UNetConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
                        attention_resolutions=(14,), head_channels=16, norm_groups=4),

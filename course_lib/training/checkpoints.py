@@ -206,7 +206,10 @@ def load_weights(model: torch.nn.Module, path, *, rebuild: str | None = None) ->
 def warm_start(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """Start `model` from the shipped checkpoint `name` (sha256 checked): every weight they share
     is copied; a class embedding the source lacks starts at zero, so the model's output at step 0
-    is exactly the source model's. Any other difference is an error."""
+    is exactly the source model's. Any other difference is an error. A model with its own
+    `warm_start(source_model)` method (models.clip.NoisyCLIP) decides itself what it takes."""
+    if callable(getattr(model, "warm_start", None)):
+        return model.warm_start(load_pretrained(name))
     source = load_pretrained(name).state_dict()
     own = model.state_dict()
     missing = sorted(set(own) - set(source))
