@@ -4,6 +4,9 @@ import dataclasses
 import pytest
 import torch
 
+from course_lib.data.shapes import FIELD_CLASSES
+from course_lib.models.clip import NoisyCLIP, ShapesCLIP
+from course_lib.nn.attributes import AttributeClassifier
 from course_lib.nn.classifier import FashionClassifier, NoisyClassifier
 from course_lib.nn.unet import UNet
 from course_lib.training import recipes
@@ -14,22 +17,41 @@ def test_every_recipe_builds_and_runs_its_model(name):
     r = recipes.get(name)
     assert r.name == name and r.description
     model = r.build_model().eval()
-    x = torch.zeros(1, 1, 28, 28)
+    x = torch.zeros(1, 3, 32, 32) if r.data == "shapes" else torch.zeros(1, 1, 28, 28)
+    t = torch.tensor([r.T - 1])
     with torch.no_grad():
         if r.task == "diffusion":
             assert isinstance(model, UNet)
-            out = model(x, torch.tensor([r.T - 1]))
-            assert out.shape == (1, model.config.out_channels, 28, 28)
+            out = model(x, t)
+            assert out.shape == (1, model.config.out_channels, *x.shape[-2:])
             sched = r.noise_schedule()
             assert sched.T == r.T and r.noise_schedule() is sched  # computed once
         elif r.task == "noisy_classify":
             assert isinstance(model, NoisyClassifier)
-            assert model(x, torch.tensor([r.T - 1])).shape == (1, 10)
+            assert model(x, t).shape == (1, 10)
+        elif r.task == "attributes":
+            assert isinstance(model, AttributeClassifier)
+            assert model(x).shape == (1, sum(FIELD_CLASSES.values()))
+        elif r.task == "clip":
+            assert isinstance(model, ShapesCLIP)
+            img, txt = model(x, model.tokens(["a red circle"]))
+            assert img.shape == txt.shape == (1, 128)
+        elif r.task == "noisy_clip":
+            assert isinstance(model, NoisyCLIP)
+            assert model.encode_image(x, t).shape == (1, 128)
         else:
             assert isinstance(model, FashionClassifier)
             assert model(x).shape == (1, 10)
-    assert r.task in ("diffusion", "classify", "noisy_classify")
+    assert r.task in ("diffusion", "classify", "noisy_classify", "attributes", "clip", "noisy_clip")
     assert 0 < r.batch_size and 0 < r.steps and 0 < r.lr and 0 <= r.ema_decay < 1
+
+
+def test_shapes_recipes_share_the_schedule_and_the_clip_pair():
+    ddpm, noisy = recipes.get("shapes_ddpm"), recipes.get("shapes_noisy_clip")
+    assert (noisy.schedule, noisy.T) == (ddpm.schedule, ddpm.T)   # the noisy CLIP reads the model's x_t
+    assert noisy.init_from == "shapes_clip" and noisy.model_config.init_from == "shapes_clip"
+    images, labels = recipes.get("shapes_attributes").load_data("test")
+    assert images.shape == (2000, 3, 32, 32) and labels.shape == (2000, 9)
 
 
 def test_unknown_recipe_lists_known_names():
