@@ -100,6 +100,8 @@ def test_train_writes_checkpoint_and_card_then_resumes(shrunk, tmp_path, capsys)
     assert m["fid"] >= 0 and m["real_vs_real_fid"] >= -1e-6 and "2 respaced steps" in m["sampler"]
     assert card["parameters"] == sum(p.numel() for p in shrunk.build_model().parameters())
     assert card["hardware"] and card["final_loss"] > 0
+    assert card["device"] == str(cli.runtime.device()) and card["processes"] == 1 and card["threads"] == torch.get_num_threads() >= 1
+    assert card["precision"] in ("fp32", "bf16 autocast")
     # the saved weights are the EMA of training and load into the recipe's model
     model = checkpoints.load_weights(shrunk.build_model(), path)
     # the command resumes from the state file and the card counts all steps
