@@ -26,16 +26,12 @@ import torch.nn.functional as F
 from course_lib.diffusion import formulas
 from course_lib.diffusion.schedules import NoiseSchedule, cosine_betas
 from course_lib.exercises import Verdict, check_function
+from course_lib.exercises.guidance import _at, _with_hint  # the same t-indexing and hints as lesson 04
 from course_lib.guidance.classifier import score_guided_eps
 
 
 def _cosine() -> NoiseSchedule:
     return NoiseSchedule.from_betas(cosine_betas(1000))
-
-
-def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values[t] (t clamped into range: a mistake must never raise), shaped (B, 1, 1, 1) in like's dtype."""
-    return values[t.clamp(0, values.numel() - 1)].to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def _images(seed: int, batch: int, n: int = 3, shape=(3, 6, 5)):
@@ -50,17 +46,6 @@ def _on_copies(fn):
     def called(*args):
         return fn(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
     return called
-
-
-def _with_hint(verdict: Verdict) -> Verdict:
-    """Add advice to errors whose cause is common enough to guess."""
-    msg = verdict.message
-    if "must match the size of tensor" in msg or "broadcast" in msg:
-        msg += (" -- values read at t have shape (B,); reshape them to (B, 1, 1, 1), e.g. "
-                "schedule.alpha_bar[t].view(-1, 1, 1, 1), so that they broadcast over the image")
-    elif "out of bounds" in msg or "IndexError" in msg:
-        msg += " -- is t off by one? alpha_bar_t is schedule.alpha_bar[t], valid indices 0..T-1"
-    return Verdict(verdict.ok, msg)
 
 
 # ---- Exercise 1: CLIP's symmetric InfoNCE loss, Radford et al. 2021, Figure 3 -----------------
