@@ -7,6 +7,7 @@ Fashion-MNIST test set are computed once and cached.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -31,6 +32,16 @@ class FashionEvaluator:
     def _map(self, fn, x):
         if x.dim() != 4 or x.shape[1:] != (1, 28, 28):
             raise ValueError(f"expects images shaped (N, 1, 28, 28) in [-1, 1], got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("the evaluator got an empty batch of images")
+        bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} of {x.shape[0]} images contain NaN or inf (first: index "
+                             f"{int(bad.nonzero()[0])}); a sampler diverged")
+        worst = float((x.abs() - 1).max())
+        if worst > 0.01:
+            warnings.warn(f"images exceed [-1, 1] by up to {worst:.3f}; they are clamped to [-1, 1] "
+                          "before the classifier (clamp samples yourself to silence this)", stacklevel=3)
         dev = next(self.classifier.parameters()).device
         return torch.cat([fn(x[i:i + self.batch_size].to(dev).float().clamp(-1, 1)).cpu()
                           for i in range(0, x.shape[0], self.batch_size)])

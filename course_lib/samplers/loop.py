@@ -73,6 +73,9 @@ def sample(eps_fn: Callable, schedule, shape, *, step=ddpm_step, timesteps=None,
     from course_lib import runtime
     runtime.ensure_threads()
     device = torch.device(device) if device is not None else (x_T.device if x_T is not None else torch.device("cpu"))
+    if x_T is not None and shape is not None and tuple(shape) != tuple(x_T.shape):
+        raise ValueError(f"shape {tuple(shape)} and x_T {tuple(x_T.shape)} disagree; pass x_T.shape "
+                         "(or shape alone to draw x_T here)")
     x = randn(shape, generator, device) if x_T is None else x_T.to(device)
     B = x.shape[0]
     kwargs = dict(step_kwargs)

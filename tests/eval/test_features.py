@@ -100,3 +100,19 @@ def test_fid_against_a_reference(monkeypatch):
     y = _images(50, seed=2)
     assert ev.fid(y) == pytest.approx(fid.fid_from_features(ev.features(y), ev.features(x)), rel=1e-9)
     assert ev.reference() is ev.reference()  # computed once
+
+
+def test_evaluator_refuses_nan_and_empty_and_warns_on_out_of_range():
+    import warnings
+    ev = FashionEvaluator(classifier=FashionClassifier(ClassifierConfig()))
+    x = torch.zeros(3, 1, 28, 28)
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="1 of 3 images contain NaN"):
+        ev.class_histogram(x)
+    with pytest.raises(ValueError, match="empty batch"):
+        ev.inception_score(torch.zeros(0, 1, 28, 28))
+    with pytest.warns(UserWarning, match="exceed"):
+        ev.predict(torch.full((2, 1, 28, 28), 1.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ev.predict(torch.full((2, 1, 28, 28), 1.005))   # rounding at the edge: no warning

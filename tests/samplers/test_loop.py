@@ -129,3 +129,12 @@ def test_model_fn_wraps_a_unet():
         assert torch.equal(eps_fn(x, t, torch.tensor([0, 3])), unet(x, t, torch.tensor([0, 3])))
         out = loop.model_fn(unet, bf16=True)(x, t)
     assert out.dtype == torch.float32 and out.shape == (2, 1, 28, 28)
+
+
+def test_shape_that_disagrees_with_x_T_is_an_error():
+    from course_lib.diffusion.schedules import NoiseSchedule, linear_betas
+    from course_lib.samplers import loop as loop_mod
+    sched = NoiseSchedule.from_betas(linear_betas(10))
+    with pytest.raises(ValueError, match="disagree"):
+        loop_mod.sample(lambda x, t, c=None: torch.zeros_like(x), sched, (2, 1, 4, 4), x_T=torch.zeros(3, 1, 4, 4),
+                        progress=False)
