@@ -176,3 +176,25 @@ def test_open_clip_loading_path_on_a_local_file(tmp_path, model):
     assert callable(preprocess) and callable(tokenizer)
     with pytest.raises(FileNotFoundError):
         mclip.load_open_clip(mclip.CONFIG_NAME, str(tmp_path / "missing.safetensors"))
+
+
+def _shipped(name):
+    from course_lib.training.checkpoints import CHECKPOINT_DIR
+    return (CHECKPOINT_DIR / f"{name}.safetensors").exists()
+
+
+@pytest.mark.skipif(not (_shipped("shapes_clip") and _shipped("shapes_noisy_clip")), reason="shapes CLIPs not built")
+def test_shipped_clips_retrieve_and_the_noisy_one_reads_noise():
+    from course_lib.diffusion import formulas
+    from course_lib.training import checkpoints, recipes
+    clean, noisy = checkpoints.load_pretrained("shapes_clip"), checkpoints.load_pretrained("shapes_noisy_clip")
+    d = shapes.ShapesDataset("test", 32, 120, seed=9)
+    assert mclip.retrieval_accuracy(clean.encode_image, clean.encode_text, d.images, d.scenes) >= 0.85
+    t = torch.full((120,), 400)
+    x_t = formulas.q_sample(recipes.get("shapes_noisy_clip").noise_schedule(), d.images, t,
+                            torch.randn(d.images.shape, generator=torch.Generator().manual_seed(0)))
+    on_noise = mclip.retrieval_accuracy(lambda x: noisy.encode_image(x, t[:x.shape[0]]), noisy.encode_text, x_t, d.scenes)
+    clean_on_noise = mclip.retrieval_accuracy(clean.encode_image, clean.encode_text, x_t.clamp(-1, 1), d.scenes)
+    assert on_noise >= clean_on_noise + 0.3, (on_noise, clean_on_noise)
+    # one text space: the noisy CLIP's text tower is the clean one's
+    torch.testing.assert_close(noisy.encode_text(["a red circle"]), clean.encode_text(["a red circle"]))
