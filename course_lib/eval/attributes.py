@@ -28,7 +28,7 @@ from course_lib.data import shapes
 
 ERROR_KINDS = ("missing object", "extra object", "wrong relation", "colors swapped", "wrong shape",
                "wrong color", "wrong size", "wrong position")
-F = {f: i for i, f in enumerate(shapes.LABEL_FIELDS)}
+FIELD_INDEX = {f: i for i, f in enumerate(shapes.LABEL_FIELDS)}  # field name -> column of a scene code
 
 
 class CaptionAccuracy(NamedTuple):
@@ -69,7 +69,7 @@ def as_codes(attributes, n: int) -> torch.Tensor:
 
 
 def _obj(code, k):
-    return code[[F[f"shape{k}"], F[f"color{k}"], F[f"size{k}"]]]
+    return code[[FIELD_INDEX[f"shape{k}"], FIELD_INDEX[f"color{k}"], FIELD_INDEX[f"size{k}"]]]
 
 
 def _obj_ok(want, got) -> bool:
@@ -85,7 +85,7 @@ def error_kind(want: torch.Tensor, got: torch.Tensor):
         return "extra object"
     if n_want == 1:
         w0, w1, g0, g1 = _obj(want, 0), _obj(want, 1), _obj(got, 0), _obj(got, 1)
-        if int(want[F["axis"]]) != int(got[F["axis"]]):
+        if int(want[FIELD_INDEX["axis"]]) != int(got[FIELD_INDEX["axis"]]):
             return "wrong relation"
         if _obj_ok(w0, g0) and _obj_ok(w1, g1):
             return None
@@ -100,7 +100,7 @@ def error_kind(want: torch.Tensor, got: torch.Tensor):
     for j, kind in enumerate(("wrong shape", "wrong color", "wrong size")):
         if any(int(w[j]) >= 0 and int(w[j]) != int(g[j]) for w, g in pairs):
             return kind
-    if n_want == 0 and int(want[F["position"]]) >= 0 and int(want[F["position"]]) != int(got[F["position"]]):
+    if n_want == 0 and int(want[FIELD_INDEX["position"]]) >= 0 and int(want[FIELD_INDEX["position"]]) != int(got[FIELD_INDEX["position"]]):
         return "wrong position"
     return None
 

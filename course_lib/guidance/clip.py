@@ -86,7 +86,7 @@ def clip_guided_eps(eps_fn, clip, schedule: NoiseSchedule, scale: float, *, form
     cache = {}
 
     def text_of(cond, batch):
-        if isinstance(cond, (list, tuple)) or isinstance(cond, str):
+        if isinstance(cond, (list, tuple, str)):
             key = (cond,) if isinstance(cond, str) else tuple(cond)
             if key not in cache:
                 cache.clear()
