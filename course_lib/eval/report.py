@@ -99,6 +99,16 @@ def measure(recipe, model, *, device=None) -> dict:
         acc = noisy_accuracy(recipe, model, images, labels)
         return {"test_accuracy_by_t": {str(t): round(a, 4) for t, a in acc.items()}, "test_images": images.shape[0],
                 "noise": "x_t = q_sample(x0, t) with the recipe's schedule, one fixed seed per t"}
+    if recipe.task == "glide":
+        from course_lib.models.glide import glide_metrics
+        return glide_metrics(recipe, model)
+    if recipe.task == "glide_inpaint":
+        from course_lib.models.glide import inpaint_metrics
+        from course_lib.training.checkpoints import load_pretrained
+        return inpaint_metrics(recipe, model, base=load_pretrained("shapes_glide", device=_device_of(model)))
+    if recipe.task == "glide_upsample":
+        from course_lib.models.glide import upsample_metrics
+        return upsample_metrics(recipe, model)
     if recipe.task == "diffusion" and recipe.data == "shapes":
         from course_lib.eval.attributes import diffusion_metrics
         return diffusion_metrics(recipe, model)

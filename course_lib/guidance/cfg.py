@@ -56,30 +56,42 @@ def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) 
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def cfg_eps(eps_fn, scale: float, null_class: int):
-    """Classifier-free guidance as a noise predictor: call it with cond = y, class labels (B,).
+def cfg_eps(eps_fn, scale: float, null_class):
+    """Classifier-free guidance as a noise predictor.
 
-    eps_fn(x_t, t, labels) is called once per step on a batch of 2B: (x_t, x_t) with labels
-    (y, null_class). scale s >= 0 (s = 1 + w; 1: the conditional model, 0: the unconditional one).
-    null_class: the label meaning "no class" (nn.unet.UNet: num_classes); labels y lie in
-    0..null_class (a label equal to null_class is an unconditional row, which guidance leaves as is).
+    Classes: call it with cond = y, class labels (B,); null_class is the label meaning "no class"
+    (nn.unet.UNet: num_classes), and labels y lie in 0..null_class (a label equal to null_class is an
+    unconditional row, which guidance leaves as is).
+    Captions (GLIDE, lesson 07): null_class is the null caption, a string ("" for models.glide); call
+    it with cond = a list of B captions or a models.glide.Prompt (its image channels are duplicated).
+
+    eps_fn(x_t, t, cond) is called once per step on a batch of 2B: (x_t, x_t) with conditions
+    (cond, null). scale s >= 0 (s = 1 + w; 1: the conditional model, 0: the unconditional one).
     """
     scale = check_scale(scale)
-    if isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral):
-        raise TypeError(f"null_class must be an int (the UNet's num_classes), got {type(null_class).__name__}")
-    if null_class < 0:
-        raise ValueError(f"null_class must be >= 0 (the UNet's num_classes), got {null_class}")
+    captions = isinstance(null_class, str)
+    if not captions:
+        if isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral):
+            raise TypeError(f"null_class must be an int (the UNet's num_classes) or a null caption string, "
+                            f"got {type(null_class).__name__}")
+        if null_class < 0:
+            raise ValueError(f"null_class must be >= 0 (the UNet's num_classes), got {null_class}")
+
+    def both(cond, B, device):
+        if captions:
+            from course_lib.models.glide import as_prompt
+            return as_prompt(cond, B).with_null(null_class)
+        y = check_labels(cond, B, "classifier-free guidance", device)
+        if B and int(y.max()) > null_class:
+            raise ValueError(f"class label {int(y.max())} is above null_class={null_class}: the null class "
+                             "is the index after the last real class (UNet: num_classes)")
+        return torch.cat([y, torch.full_like(y, null_class)])
 
     def guided(x_t, t, cond=None):
         check_image(x_t)
         B, C = x_t.shape[:2]
         check_steps(t, B, "classifier-free guidance")
-        y = check_labels(cond, B, "classifier-free guidance", x_t.device)
-        if B and int(y.max()) > null_class:
-            raise ValueError(f"class label {int(y.max())} is above null_class={null_class}: the null class "
-                             "is the index after the last real class (UNet: num_classes)")
-        null = torch.full_like(y, null_class)
-        out = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, C or 2C, H, W)
+        out = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), both(cond, B, x_t.device))  # (2B, C or 2C, H, W)
         if out.shape[0] != 2 * B:
             raise ValueError(f"the model returned a batch of {out.shape[0]} for an input batch of {2 * B}")
         out_cond, out_uncond = out.chunk(2)                               # conditional half first

@@ -41,6 +41,8 @@ class UNetConfig:
     context_dim: int | None = None       # width of text tokens joined to attention (GLIDE); None: no text
     norm_groups: int = 8                 # GroupNorm groups (ADM uses 32 at larger widths)
     rescale_residual: bool = True        # (skip + h) / sqrt(2) in ResBlocks
+    cond_channels: int = 0               # extra input channels joined to x_t and not predicted (GLIDE's
+                                         # inpainting mask and image, an upsampler's low-resolution image)
 
     @property
     def out_channels(self) -> int:
@@ -159,7 +161,7 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
         self.time_embed = TimestepEmbedding(ch, emb_dim)
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
         widths = [ch * m for m in cfg.channel_mults]
         sizes = [cfg.image_size // 2 ** i for i in range(len(widths))]
         self.down, self.downsample, skips, cur = nn.ModuleList(), nn.ModuleList(), [ch], ch
@@ -223,14 +225,32 @@ class UNet(nn.Module):
                 raise ValueError(f"context_mask must be a tensor shaped {tuple(context.shape[:2])} (True: a real "
                                  f"token), got {tuple(getattr(context_mask, 'shape', ()))}")
 
-    def forward(self, x_t, t, y=None, context=None, context_mask=None):
-        """x_t (B, C, H, W), t (B,) int, y (B,) class or null class -> (B, out_channels, H, W)."""
+    def forward(self, x_t, t, y=None, context=None, context_mask=None, *, emb=None, x_cond=None):
+        """x_t (B, C, H, W), t (B,) int, y (B,) class or null class -> (B, out_channels, H, W).
+
+        context (B, L, context_dim) text tokens joined to every attention's keys and values, with
+        context_mask (B, L) bool (True: a real token); emb (B, 4 * base_channels) an extra embedding
+        added to the timestep embedding (GLIDE's pooled text); x_cond (B, cond_channels, H, W) extra
+        input channels joined to x_t (inpainting, upsampling)."""
         self._check(x_t, t, y, context, context_mask)
-        emb = self.time_embed(t)                                     # (B, E)
+        time_emb = self.time_embed(t)                                # (B, E)
+        if emb is not None:
+            if emb.shape != time_emb.shape:
+                raise ValueError(f"emb must be shaped {tuple(time_emb.shape)}, got {tuple(emb.shape)}")
+            time_emb = time_emb + emb
+        emb = time_emb
         if self.class_embed is not None:
             if y is None:  # unconditional use of a conditional model: the null class
                 y = torch.full_like(t, self.config.num_classes)
             emb = emb + self.class_embed(y)
+        if self.config.cond_channels:
+            want = (x_t.shape[0], self.config.cond_channels, *x_t.shape[2:])
+            if x_cond is None or tuple(x_cond.shape) != want:
+                raise ValueError(f"this UNet takes x_cond shaped {want} (its cond_channels), got "
+                                 f"{None if x_cond is None else tuple(x_cond.shape)}")
+            x_t = torch.cat([x_t, x_cond.to(x_t.dtype)], dim=1)
+        elif x_cond is not None:
+            raise ValueError("this UNet takes no x_cond (cond_channels=0)")
         h = self.conv_in(x_t)
         hs = [h]
         for i, level in enumerate(self.down):

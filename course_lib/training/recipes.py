@@ -13,6 +13,7 @@ import torch
 
 from course_lib.diffusion.schedules import NoiseSchedule, schedule as make_schedule
 from course_lib.models.clip import ClipConfig, NoisyCLIP, NoisyClipConfig, ShapesCLIP
+from course_lib.models.glide import Glide, GlideConfig
 from course_lib.nn.attributes import AttributeClassifier, AttributeClassifierConfig
 from course_lib.nn.classifier import ClassifierConfig, FashionClassifier, NoisyClassifier, NoisyClassifierConfig
 from course_lib.nn.unet import UNet, UNetConfig, preset
@@ -78,6 +79,8 @@ class Recipe:
             return ShapesCLIP(self.model_config)
         if isinstance(self.model_config, NoisyClipConfig):
             return NoisyCLIP(self.model_config)
+        if isinstance(self.model_config, GlideConfig):
+            return Glide(self.model_config)
         raise TypeError(f"recipe {self.name}: no model for {type(self.model_config).__name__}")
 
     def noise_schedule(self) -> NoiseSchedule:
@@ -142,6 +145,35 @@ RECIPES = {r.name: r for r in [
            "in lesson 06), cosine schedule, T=1000, fixed small variance.",
            preset("shapes"), task="diffusion", steps=8000, batch_size=64, lr=1e-3, warmup=200,
            checkpoint_every=250, data="shapes", data_size=30_000, eval_samples=500, eval_steps=50),
+    Recipe("shapes_glide",
+           "GLIDE in miniature (lesson 07): a 2-layer text transformer (width 128) over the shapes tokenizer, "
+           "trained jointly with the shapes ADM UNet; the end token's embedding is added to the timestep "
+           "embedding and every token, projected to 128, is joined to the keys and values of every attention "
+           "layer (8x8 and the middle; a 16x16 attention doubled the step's cost on the CPU); captions paraphrased as the CLIPs' and empty 15% of the time "
+           "(one model for CFG). Warm-started from shapes_ddpm (its UNet weights; the text projection to the "
+           "embedding starts at zero) so the hour goes to learning the text.",
+           GlideConfig(), task="glide", steps=5000, batch_size=64, lr=1e-3, warmup=200, label_dropout=0.15,
+           checkpoint_every=250, data="shapes", data_size=30_000, init_from="shapes_ddpm",
+           eval_samples=320, eval_steps=50),
+    Recipe("shapes_glide_inpaint",
+           "GLIDE's inpainting model (sec. 4): shapes_glide fine-tuned with four extra input channels, the "
+           "known image times the mask and the mask (1 = known), zero-initialised so step 0 is shapes_glide; "
+           "masks are a random half of the image or a random rectangle (sides 8-24 px).",
+           GlideConfig(unet=preset("shapes", context_dim=128, cond_channels=4),
+                       kind="inpaint"),
+           task="glide_inpaint", steps=1500, batch_size=64, lr=5e-4, warmup=100, label_dropout=0.15,
+           checkpoint_every=250, data="shapes", data_size=30_000, init_from="shapes_glide",
+           eval_samples=200, eval_steps=50),
+    Recipe("shapes_upsampler",
+           "GLIDE's text-conditional upsampler, 32 -> 64 px: a 64 px ADM UNet (levels 64, 32, 16, 8; attention "
+           "with the text tokens at 8x8 and the middle) given the 32 px area average, upsampled bilinearly, as "
+           "three extra input channels, after Gaussian noise augmentation q_sample(low, s) with s = 0 half the "
+           "time and uniform in 0..499 otherwise; s enters through a second timestep embedding.",
+           GlideConfig(unet=UNetConfig(image_size=64, in_channels=3, base_channels=32, channel_mults=(1, 1, 2, 2),
+                                       num_res_blocks=1, attention_resolutions=(8,), context_dim=128,
+                                       cond_channels=3), kind="upsample"),
+           task="glide_upsample", steps=3000, batch_size=32, lr=1e-3, warmup=200, label_dropout=0.15,
+           checkpoint_every=250, data="shapes", data_size=20_000, image_size=64, eval_samples=100, eval_steps=50),
     Recipe("tiny_ddpm",
            "A toy UNet for tests and the visible training demonstration of lesson 02 (not shipped).",
            preset("tiny"), task="diffusion", steps=200, batch_size=32, lr=1e-3, warmup=20,

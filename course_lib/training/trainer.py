@@ -140,12 +140,31 @@ def attributes_loss(model, recipe, x0, y, g):
     return attribute_loss(logits.float(), y)
 
 
+def glide_loss(model, recipe, x0, y, g):
+    """GLIDE's L_simple on captions of the batch's scenes, empty label_dropout of the time (models.glide)."""
+    from course_lib.models.glide import glide_loss as loss
+    return loss(model, recipe, x0, y, g)
+
+
+def glide_inpaint_loss(model, recipe, x0, y, g):
+    """The inpainting model's L_simple with random masks (models.glide.inpaint_loss)."""
+    from course_lib.models.glide import inpaint_loss as loss
+    return loss(model, recipe, x0, y, g)
+
+
+def glide_upsample_loss(model, recipe, x0, y, g):
+    """The upsampler's L_simple given the noise-augmented low-resolution image (models.glide.upsample_loss)."""
+    from course_lib.models.glide import upsample_loss as loss
+    return loss(model, recipe, x0, y, g)
+
+
 # task -> loss_fn(model, recipe, x0, y, g): x0, y this rank's rows of the step's batch, on the device;
 # g the step's CPU generator. Draw randomness with batch_randn / batch_randint / batch_rand (DDP-exact)
 # and call the model itself (DDP synchronises gradients through its forward).
 TASKS: dict[str, Callable] = {"diffusion": diffusion_loss, "classify": classify_loss,
                               "noisy_classify": noisy_classify_loss, "attributes": attributes_loss,
-                              "clip": clip_loss, "noisy_clip": noisy_clip_loss}
+                              "clip": clip_loss, "noisy_clip": noisy_clip_loss, "glide": glide_loss,
+                              "glide_inpaint": glide_inpaint_loss, "glide_upsample": glide_upsample_loss}
 
 
 def param_groups(model, recipe) -> list:

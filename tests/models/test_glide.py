@@ -1,0 +1,308 @@
+"""GLIDE in miniature (models.glide, nn.transformer): text reaches the UNet two ways, caption CFG is
+eq. 6 on captions, warm starts are exact, inpainting keeps the known region, augmentation is q_sample."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from course_lib.diffusion import formulas
+from course_lib.diffusion.schedules import NoiseSchedule, cosine_betas
+from course_lib.guidance.cfg import cfg_eps
+from course_lib.models import glide
+from course_lib.models.clip import PAD
+from course_lib.nn.transformer import TextTransformer, last_token
+from course_lib.nn.unet import UNet, UNetConfig
+
+
+def tiny_unet(**kw):
+    base = dict(image_size=16, in_channels=3, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                attention_resolutions=(8,), head_channels=16, norm_groups=4, context_dim=32)
+    base.update(kw)
+    return UNetConfig(**base)
+
+
+def tiny(kind="base", seed=0, **kw):
+    torch.manual_seed(seed)
+    unet = tiny_unet(cond_channels=glide.COND_CHANNELS[kind], **kw)
+    cfg = glide.GlideConfig(unet=unet, kind=kind, text_width=32, text_layers=1, text_heads=2, low_res=8)
+    model = glide.Glide(cfg).eval()
+    with torch.no_grad():   # zero-initialised residuals would hide the text: give them weights
+        for p in model.parameters():
+            if p.abs().sum() == 0 and p.dim() > 1:
+                p.normal_(0, 0.05)
+    return model
+
+
+SCHED = NoiseSchedule.from_betas(cosine_betas(1000))
+
+
+def x_and_t(B=2, size=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, size, size, generator=g), torch.tensor([10, 500][:B] + [900] * max(0, B - 2))
+
+
+# ---------------------------------------------------------------- the text transformer
+
+def test_padding_never_reaches_real_tokens():
+    torch.manual_seed(0)
+    tf = TextTransformer(16, 8, width=32, layers=2, heads=2).eval()
+    tok = torch.tensor([[1, 5, 6, 15, 0, 0, 0, 0]])
+    mask = tok != 0
+    other = tok.clone()
+    other[0, 4:] = torch.tensor([3, 9, 2, 7])         # different ids in the padded slots
+    a, b = tf(tok, mask), tf(other, mask)
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6)
+    assert torch.equal(last_token(a, mask), a[:, 3])
+
+
+def test_transformer_rejects_bad_tokens():
+    tf = TextTransformer(16, 8, width=32, layers=1, heads=2)
+    with pytest.raises(ValueError, match="token ids"):
+        tf(torch.tensor([[1, 99]]), torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="context length"):
+        tf(torch.ones(1, 9, dtype=torch.long), torch.ones(1, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        tf(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="no real token"):
+        last_token(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- the model
+
+def test_tokens_empty_caption_is_start_end():
+    m = tiny()
+    tok = m.tokens(["", "a red circle"])
+    assert tok[0, 0] == 1 and tok[0, 1] == m.tokenizer.eot and (tok[0, 2:] == PAD).all()
+    assert (tok[1] != PAD).sum() == 5   # start, a, red, circle, end
+
+
+def test_caption_reaches_output_through_both_paths():
+    m = tiny()
+    x, t = x_and_t()
+    a = m(x, t, ["a red circle", "a blue square"])
+    b = m(x, t, ["a green cross", "a blue square"])
+    assert a.shape == x.shape
+    assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
+    # tokens only through attention: zero the pooled path and the caption still matters
+    with torch.no_grad():
+        m.text_to_emb.weight.zero_(); m.text_to_emb.bias.zero_()
+    assert not torch.allclose(m(x, t, ["a red circle"] * 2), m(x, t, ["a green cross"] * 2))
+    # pooled only: drop every attention's text keys and the caption still matters
+    m2 = tiny()
+    for blk in m2.unet.modules():
+        if getattr(blk, "context_kv", None) is not None:
+            blk.context_kv = None
+    assert not torch.allclose(m2(x, t, ["a red circle"] * 2), m2(x, t, ["a green cross"] * 2))
+
+
+def test_none_and_empty_captions_agree():
+    m = tiny()
+    x, t = x_and_t()
+    assert torch.allclose(m(x, t, None), m(x, t, ["", ""]))
+    assert torch.allclose(m(x, t, "a red circle"), m(x, t, ["a red circle"] * 2))
+
+
+def test_caption_cfg_is_equation_6():
+    m = tiny()
+    x, t = x_and_t()
+    caps = ["a red circle left of a blue square", "a green triangle"]
+    fn = lambda x_t, t_, c: m(x_t, t_, c)  # noqa: E731
+    for s in (0.0, 1.0, 3.0):
+        got = cfg_eps(fn, s, null_class="")(x, t, caps)
+        cond, uncond = m(x, t, caps), m(x, t, ["", ""])
+        assert torch.allclose(got, uncond + s * (cond - uncond), atol=1e-5)
+
+
+def test_caption_cfg_duplicates_the_inpainting_inputs():
+    m = tiny("inpaint")
+    x, t = x_and_t()
+    img = torch.rand(2, 3, 16, 16) * 2 - 1
+    mask = glide.half_mask(2, 16, "left")
+    p = glide.Prompt(["a red circle", "a blue square"], image=img, mask=mask)
+    got = cfg_eps(lambda a, b, c: m(a, b, c), 2.0, null_class="")(x, t, p)
+    cond = m(x, t, p)
+    uncond = m(x, t, p._replace(captions=["", ""]))
+    assert torch.allclose(got, uncond + 2 * (cond - uncond), atol=1e-5)
+
+
+def test_warm_start_from_unet_copies_every_unet_weight():
+    torch.manual_seed(3)
+    src = UNet(tiny_unet(context_dim=None))
+    m = glide.Glide(glide.GlideConfig(unet=tiny_unet(), text_width=32, text_layers=1, text_heads=2))
+    m.warm_start(src)
+    own = m.unet.state_dict()
+    for k, v in src.state_dict().items():
+        assert torch.equal(own[k], v), k
+    # the pooled text starts at zero: the embedding every ResBlock reads is the source's
+    assert m.text_to_emb.weight.abs().sum() == 0
+
+
+def test_inpaint_warm_start_from_base_is_the_base_model_at_step_0():
+    base = tiny("base", seed=4)
+    inp = glide.Glide(glide.GlideConfig(unet=tiny_unet(cond_channels=4), kind="inpaint", text_width=32,
+                                        text_layers=1, text_heads=2)).warm_start(base).eval()
+    x, t = x_and_t()
+    p = glide.Prompt(["a red circle"] * 2, image=torch.zeros(2, 3, 16, 16), mask=glide.half_mask(2, 16, "top"))
+    assert torch.allclose(inp(x, t, p), base(x, t, ["a red circle"] * 2), atol=1e-6)
+
+
+def test_warm_start_refuses_a_mismatch():
+    m = glide.Glide(glide.GlideConfig(unet=tiny_unet(), text_width=32, text_layers=1, text_heads=2))
+    with pytest.raises(ValueError, match="cannot warm-start"):
+        m.warm_start(UNet(tiny_unet(base_channels=8, norm_groups=4, head_channels=8, context_dim=None)))
+
+
+def test_upsampler_reads_low_res_and_level():
+    m = tiny("upsample")
+    x, t = x_and_t()
+    low = torch.rand(2, 3, 8, 8) * 2 - 1
+    lv = torch.zeros(2, dtype=torch.long)
+    a = m(x, t, glide.Prompt(["a red circle"] * 2, low_res=low, aug_level=lv))
+    b = m(x, t, glide.Prompt(["a red circle"] * 2, low_res=-low, aug_level=lv))
+    c = m(x, t, glide.Prompt(["a red circle"] * 2, low_res=low, aug_level=lv + 300))
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_masks_and_images_are_clear_errors():
+    m = tiny("inpaint")
+    x, t = x_and_t()
+    img = torch.zeros(2, 3, 16, 16)
+    good = glide.half_mask(2, 16, "left")
+    cases = [(good[:, :, :8], ValueError, "shaped"), (good * 0.5, ValueError, "only 0"),
+             (good.to(torch.complex64), TypeError, "bool or real"), ("mask", TypeError, "mask tensor")]
+    for mask, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            m(x, t, glide.Prompt(["a red circle"] * 2, image=img, mask=mask))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        m(x, t, glide.Prompt(["a red circle"] * 2, image=img + 3, mask=good))
+    with pytest.raises(ValueError, match="NaN"):
+        m(x, t, glide.Prompt(["a red circle"] * 2, image=img * float("nan"), mask=good))
+    assert m(x, t, glide.Prompt(["a red circle"] * 2, image=img, mask=good.bool())).shape == x.shape
+    with pytest.raises(ValueError, match="base GLIDE model takes captions only"):
+        tiny()(x, t, glide.Prompt(["a"] * 2, image=img, mask=good))
+
+
+def test_bad_prompts():
+    m = tiny()
+    x, t = x_and_t()
+    with pytest.raises(ValueError, match="captions for a batch"):
+        m(x, t, ["a red circle"])
+    with pytest.raises(TypeError, match="captions"):
+        m(x, t, torch.zeros(2))
+    with pytest.raises(ValueError, match="outside the shapes vocabulary"):
+        glide.sample(m, ["a red elephant"], steps=2)
+    with pytest.raises(ValueError, match="no prompts"):
+        glide.sample(m, [], steps=2)
+    with pytest.warns(UserWarning, match="unconditional"):
+        glide.sample(m, [""], steps=2, progress=False)
+    with pytest.warns(UserWarning, match="cut to"):
+        glide.sample(m, [" ".join(["a red circle left of a blue square"] * 3)], steps=2, progress=False)
+
+
+# ---------------------------------------------------------------- inpainting, masks, augmentation
+
+def test_replacement_keeps_the_known_region_exactly():
+    img = torch.rand(3, 3, 16, 16) * 2 - 1
+    mask = glide.half_mask(3, 16, "right")
+    from course_lib.samplers import respace
+    from course_lib.samplers.ddpm import ddpm_step
+    spaced = respace.respace(SCHED, respace.even_timesteps(1000, 5))
+    eps_fn = lambda x_t, t, c: torch.zeros_like(x_t)  # noqa: E731
+    for r in (1, 3):
+        x = glide.replacement_inpaint(eps_fn, spaced.schedule, torch.randn(3, 3, 16, 16), glide.Prompt(["a"] * 3, img, mask),
+                                      step=ddpm_step, generator=torch.Generator().manual_seed(0), resample=r,
+                                      progress=False)
+        assert torch.equal(x * mask, img * mask)
+        assert not torch.allclose(x * (1 - mask), img * (1 - mask))
+
+
+def test_sample_by_replacement_end_to_end():
+    m = tiny()
+    img = torch.rand(2, 3, 16, 16) * 2 - 1
+    mask = glide.half_mask(2, 16, "bottom")
+    caps = ["a red circle", "a blue square"]
+    x = glide.sample(m, caps, steps=3, scale=2.0, progress=False, extra=glide.Prompt(caps, image=img, mask=mask),
+                     replace_known=True)
+    assert torch.equal(x * mask, img * mask)
+
+
+def test_random_masks():
+    a = glide.random_masks(64, 32, torch.Generator().manual_seed(0))
+    b = glide.random_masks(64, 32, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == (64, 1, 32, 32)
+    assert set(a.unique().tolist()) <= {0.0, 1.0}
+    hidden = (a == 0).float().mean((1, 2, 3))
+    assert (hidden > 0).all() and (hidden < 1).all()
+    with pytest.raises(ValueError, match="side"):
+        glide.half_mask(1, 8, "middle")
+
+
+def test_augment_is_q_sample_and_level_0_is_clean():
+    low = torch.rand(4, 3, 8, 8) * 2 - 1
+    noise = torch.randn(4, 3, 8, 8)
+    lv = torch.tensor([0, 1, 100, 499])
+    out = glide.augment(SCHED, low, lv, noise)
+    assert torch.equal(out[0], low[0])
+    ab = torch.as_tensor(SCHED.alpha_bar, dtype=torch.float64)[[1, 100, 499]][:, None, None, None]
+    want = ab.sqrt() * low[1:].double() + (1 - ab).sqrt() * noise[1:].double()
+    assert torch.allclose(out[1:].double(), want, atol=1e-5), (out[1:].double() - want).abs().max()
+    assert torch.equal(glide.augment(SCHED, low, 0, noise), low)
+
+
+def test_downsample_is_an_area_average():
+    x = torch.arange(16.).reshape(1, 1, 4, 4)
+    assert torch.allclose(glide.downsample(x, 2), torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
+
+
+# ---------------------------------------------------------------- training losses
+
+class _R:
+    def __init__(self, dropout):
+        self.label_dropout, self.bf16, self.T = dropout, False, 1000
+
+    def noise_schedule(self):
+        return SCHED
+
+
+def _codes(n):
+    from course_lib.data.shapes import ShapesDataset
+    return ShapesDataset("train", 32, n, 0).labels
+
+
+def test_caption_dropout_rate():
+    from course_lib.training.trainer import step_generator
+    y = _codes(400)
+    none = glide._captions(None, _R(0.0), y, step_generator(0, 0), y[:, 0])
+    every = glide._captions(None, _R(1.0), y, step_generator(0, 0), y[:, 0])
+    some = glide._captions(None, _R(0.15), y, step_generator(0, 0), y[:, 0])
+    assert all(c for c in none) and not any(every)
+    share = sum(not c for c in some) / len(some)
+    assert 0.09 < share < 0.21
+
+
+@pytest.mark.parametrize("kind,loss", [("base", glide.glide_loss), ("inpaint", glide.inpaint_loss),
+                                       ("upsample", glide.upsample_loss)])
+def test_losses_are_finite_and_train(kind, loss):
+    from course_lib.training.trainer import step_generator
+    m = tiny(kind).train()
+    x0 = torch.rand(8, 3, 16, 16) * 2 - 1
+    y = _codes(8)
+    value = loss(m, _R(0.15), x0, y, step_generator(0, 0))
+    assert torch.isfinite(value) and value.ndim == 0
+    value.backward()
+    assert m.text.token_embed.weight.grad.abs().sum() > 0   # the text tower learns with the UNet
+
+
+def test_text_attention_rows_are_distributions():
+    m = tiny()
+    x, t = x_and_t()
+    p, tok, mask = glide.text_attention(m, x, t, ["a red circle", "a blue square left of a green cross"])
+    L = tok.shape[1]
+    assert p.shape[-1] == L + 64
+    assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-5)
+    assert (p[..., :L][~mask[:, None, None, :].expand_as(p[..., :L])] == 0).all()
+    words = glide.token_words(m, tok)
+    assert words[0] == ["<start>", "a", "red", "circle", "<end>"]
