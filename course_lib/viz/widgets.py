@@ -235,3 +235,217 @@ def prompt_scale_viewer(grids: Mapping[tuple, object], *, scale_name: str = "sca
                            placeholder="type a caption", layout=widgets.Layout(width="420px"))
     slider = widgets.SelectionSlider(options=scales, value=start[1], description=scale_name, continuous_update=True)
     return FrameViewer([box, slider], render, [(p, s) for p in prompts for s in scales], cache=cache)
+
+
+# ---- lesson 07: a mask editor for inpainting ----------------------------------------------------
+
+def _check_cells(cells, size) -> tuple:
+    for name, v in (("cells", cells), ("size", size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if size % cells:
+        whole = [c for c in range(1, size + 1) if size % c == 0]
+        raise ValueError(f"cells={cells} does not divide size={size}: each cell must be a whole number of pixels "
+                         f"(cells could be one of {whole})")
+    return int(cells), int(size)
+
+
+def _check_bits(bits, cells: int) -> tuple:
+    """bits as a tuple of cells * cells ints 0 / 1, row-major (1: a cell to fill)."""
+    if isinstance(bits, torch.Tensor):
+        bits = bits.flatten().tolist()
+    try:
+        bits = tuple(bits)
+    except TypeError:
+        raise TypeError(f"bits must be a sequence of {cells * cells} values 0 or 1, got {type(bits).__name__}") from None
+    if len(bits) != cells * cells:
+        raise ValueError(f"bits must hold cells * cells = {cells * cells} values (row-major, 1: a cell to fill), "
+                         f"got {len(bits)}")
+    if any(b not in (0, 1) for b in bits):
+        raise ValueError(f"bits must be 0 (known) or 1 (to fill), got {sorted(set(bits) - {0, 1}, key=str)[:3]}")
+    return tuple(int(b) for b in bits)
+
+
+def mask_from_cells(bits, cells: int, size: int) -> torch.Tensor:
+    """The inpainting mask (1, 1, size, size), float, of a cells x cells grid of bits (row-major, 1 or
+    True: a cell to fill): 1 where the image is known, 0 in the cells to fill (models.glide's mask)."""
+    cells, size = _check_cells(cells, size)
+    fill = torch.tensor(_check_bits(bits, cells), dtype=torch.float32).view(cells, cells)
+    block = size // cells
+    return (1 - fill.repeat_interleave(block, 0).repeat_interleave(block, 1))[None, None]
+
+
+def _editor_images(images, size: int, what: str) -> torch.Tensor:
+    """images checked to be (N, 3, size, size), finite floats: what a run returns and cached holds."""
+    want = f"images shaped (N, 3, {size}, {size}) in [-1, 1]"
+    if not isinstance(images, torch.Tensor) or not images.dtype.is_floating_point:
+        raise TypeError(f"{what} must be a floating-point tensor of {want}, got "
+                        f"{getattr(images, 'dtype', type(images).__name__)}")
+    if images.dim() != 4 or images.shape[0] == 0 or tuple(images.shape[1:]) != (3, size, size):
+        hint = " (one image? return x[None])" if images.dim() == 3 else ""
+        raise ValueError(f"{what} must be {want}, N >= 1, got {tuple(images.shape)}{hint}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{what} holds NaN or inf")
+    return images.detach().cpu().float()
+
+
+def _side_by_side(arrays, gap: int = 6) -> np.ndarray:
+    """RGB arrays in [0, 1] joined left to right on a white ground, top-aligned, `gap` columns apart."""
+    height = max(a.shape[0] for a in arrays)
+    parts = []
+    for i, a in enumerate(arrays):
+        parts.append(np.concatenate([a, np.ones((height - a.shape[0],) + a.shape[1:])], 0))
+        if i < len(arrays) - 1:
+            parts.append(np.ones((height, gap, 3)))
+    return np.concatenate(parts, 1)
+
+
+class MaskEditor(widgets.VBox):
+    """A cells x cells grid of toggle buttons (pressed: a cell for the model to fill), a prompt dropdown,
+    an Inpaint button, the picture and a caption under it (lesson 07's inpainting).
+
+    Inpaint calls run(mask, prompt) -> images (N, 3, size, size) in [-1, 1], mask (1, 1, size, size)
+    float with 1 = known, 0 = fill, once per key (the pressed cells, the prompt); the result is kept in
+    `cache` {(bits, prompt): images}, bits a tuple of cells * cells 0 / 1 (row-major, 1: fill). A cached
+    key shows the first sample with the filled cells shaded beside all N samples; a key not yet run
+    shows the mask (dark: to fill). Attributes: buttons, prompt, button, image, caption, cache, error
+    (the message of the last failed run, or None); methods bits(), mask(), key, set_bits(), inpaint(),
+    frame(key), show().
+    """
+
+    def __init__(self, run: Callable, prompts: Sequence[str], *, cells: int = 4, size: int = 32,
+                 cached: Mapping[tuple, object] | None = None, nrow: int = 8, scale: int | None = None):
+        super().__init__()
+        if not callable(run):
+            raise TypeError(f"run must be a function run(mask, prompt) -> images, got {type(run).__name__}")
+        self.cells, self.size = _check_cells(cells, size)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty: pass the captions the learner can choose from")
+        if any(not isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be strings (captions)")
+        self.prompts = list(dict.fromkeys(prompts))
+        self.run_fn, self.nrow, self.scale, self.error, self._quiet = run, nrow, scale, None, False
+        self.cache = {}
+        for key, images in (cached or {}).items():
+            if not isinstance(key, tuple) or len(key) != 2 or key[1] not in self.prompts:
+                raise ValueError(f"cached keys must be (bits, prompt) with the prompt one of prompts, got {key!r}")
+            self.cache[(_check_bits(key[0], self.cells), key[1])] = _editor_images(images, self.size,
+                                                                                    f"cached[{key!r}]")
+        bits, prompt = next(iter(self.cache), ((0,) * self.cells ** 2, self.prompts[0]))   # a cached key first
+        self.buttons = [widgets.ToggleButton(value=bool(b), tooltip=f"row {i // self.cells}, column "
+                                             f"{i % self.cells}: press to fill", layout=widgets.Layout(
+                                                 width="28px", height="28px", padding="0px"))
+                        for i, b in enumerate(bits)]
+        grid = widgets.GridBox(self.buttons, layout=widgets.Layout(
+            grid_template_columns=f"repeat({self.cells}, 30px)", grid_gap="2px"))
+        self.prompt = widgets.Dropdown(options=self.prompts, value=prompt, description="prompt",
+                                       layout=widgets.Layout(width="420px"))
+        self.button = widgets.Button(description="Inpaint", button_style="primary",
+                                     tooltip="fill the pressed cells with the prompt")
+        self.image = widgets.Image(format="png")
+        self.caption = widgets.HTML()
+        self.children = [widgets.HBox([grid, widgets.VBox([self.prompt, self.button])]), self.image, self.caption]
+        for b in self.buttons:
+            b.observe(self._changed, names="value")
+        self.prompt.observe(self._changed, names="value")
+        self.button.on_click(self._clicked)
+        self.show()
+
+    def bits(self) -> tuple:
+        """The pressed cells, row-major, 1: to fill."""
+        return tuple(int(b.value) for b in self.buttons)
+
+    def mask(self) -> torch.Tensor:
+        """The mask of the pressed cells, (1, 1, size, size), 1 = known, 0 = fill."""
+        return mask_from_cells(self.bits(), self.cells, self.size)
+
+    @property
+    def key(self) -> tuple:
+        """(bits, prompt): what the controls select now, the cache's key."""
+        return self.bits(), self.prompt.value
+
+    def set_bits(self, bits) -> None:
+        """Press exactly the cells of `bits` (row-major, 1: fill), showing the frame once."""
+        bits = _check_bits(bits, self.cells)
+        self._quiet = True
+        try:
+            for b, v in zip(self.buttons, bits):
+                b.value = bool(v)
+        finally:
+            self._quiet = False
+        self.show()
+
+    def inpaint(self) -> torch.Tensor:
+        """The images of the current key: from the cache, or run(mask, prompt) once and cached."""
+        key = self.key
+        if key not in self.cache:
+            images = self.run_fn(self.mask(), key[1])
+            self.cache[key] = _editor_images(images, self.size, "run(mask, prompt)")
+        self.show()
+        return self.cache[key]
+
+    def frame(self, key) -> tuple:
+        """(png bytes, caption html) of `key`: the samples if it is cached, else the mask to fill."""
+        bits, prompt = key
+        mask = mask_from_cells(bits, self.cells, self.size)
+        filled = f"{sum(bits)} of {self.cells ** 2} cells filled"
+        if key in self.cache:
+            images = self.cache[key]
+            shaded = images[:1].clamp(-1, 1) * (1 - 0.6 * (1 - mask))        # the filled cells toward grey
+            arrays = [plots.grid_array(shaded, nrow=1), plots.grid_array(images, nrow=self.nrow)]
+            caption = (f"<b>{html.escape(prompt)}</b>: {len(images)} samples, {filled} (shaded in the first "
+                       f"image on the left)")
+        else:
+            m = mask.expand(1, 3, -1, -1)
+            arrays = [plots.grid_array(0.6 * m - 0.5 * (1 - m), nrow=1)]           # light: known, dark: to fill
+            caption = (f"<b>{html.escape(prompt)}</b>: {filled} (dark); press <i>Inpaint</i> to sample"
+                       + ("" if sum(bits) else " (no cell pressed: press the cells to fill first)"))
+        a = _side_by_side(arrays)
+        return encode_png(a, _scale_for(a.shape[1], self.scale)), caption
+
+    def show(self) -> None:
+        """Show the frame of the current key (the cached samples, or the mask to fill)."""
+        png, caption = self.frame(self.key)
+        if self.error:
+            caption += f'<br><span style="color:#b42318">{html.escape(self.error)}</span>'
+        with self.hold_sync():
+            self.image.value, self.caption.value = png, caption
+
+    def _changed(self, change=None):
+        self.error = None
+        if not self._quiet:
+            self.show()
+
+    def _clicked(self, button=None):
+        """Inpaint, with a failure shown in the caption (an error raised in a widget callback is not)."""
+        self.button.disabled, self.button.description = True, "Inpainting..."
+        try:
+            self.error = None
+            self.inpaint()
+        except Exception as e:
+            self.error = f"run failed: {type(e).__name__}: {e}"
+            self.show()
+        finally:
+            self.button.disabled, self.button.description = False, "Inpaint"
+
+    def _repr_mimebundle_(self, **kwargs):
+        """The widget view for a live frontend, plus a static picture for renderers without one."""
+        data = super()._repr_mimebundle_(**kwargs)
+        b64 = base64.b64encode(bytes(self.image.value)).decode("ascii")
+        data["image/png"] = b64
+        data["text/html"] = (f'<figure style="margin:0"><img src="data:image/png;base64,{b64}"/>'
+                             f'<figcaption>{self.caption.value}<br><i>(a still of the mask editor: run the cell '
+                             f'in Jupyter to press cells and inpaint)</i></figcaption></figure>')
+        return data
+
+
+def mask_editor(run: Callable, prompts: Sequence[str], *, cells: int = 4, size: int = 32,
+                cached: Mapping[tuple, object] | None = None, nrow: int = 8, scale: int | None = None) -> MaskEditor:
+    """A mask editor for inpainting (lesson 07): press cells of a cells x cells grid to mark the region
+    to fill, choose a prompt, press Inpaint. run(mask, prompt) -> images (N, 3, size, size) in [-1, 1]
+    is called with mask (1, 1, size, size), 1 = known, 0 = fill, once per (cells, prompt); cached
+    {(bits, prompt): images} holds results computed before (e.g. another editor's `.cache`), so a saved
+    notebook shows them without a kernel; the editor starts on the first cached key. bits: a tuple of
+    cells * cells 0 / 1, row-major, 1 = a cell to fill (mask_from_cells turns it into the mask)."""
+    return MaskEditor(run, prompts, cells=cells, size=size, cached=cached, nrow=nrow, scale=scale)
