@@ -179,6 +179,19 @@ def field_accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size
     return {f: right[f] / total[f] for f in shapes.LABEL_FIELDS if total[f]}
 
 
+@torch.no_grad()
+def diversity(images: torch.Tensor, group: int, classifier=None) -> float:
+    """Mean pairwise distance, in the judge's shared features, between samples of the same prompt:
+    images are consecutive groups of `group` samples (one prompt each). 0: every sample alike."""
+    if group < 2 or images.shape[0] % group:
+        raise ValueError(f"diversity needs groups of >= 2 samples dividing the batch, got group={group} "
+                         f"for {images.shape[0]} images")
+    f = features(images, classifier).float()
+    f = f.reshape(-1, group, f.shape[-1])
+    d = torch.cdist(f, f)                                       # (prompts, group, group)
+    return float(d.sum() / (f.shape[0] * group * (group - 1)))
+
+
 def judge_metrics(model, seed: int = 0, n: int = 2000) -> dict:
     """The attribute classifier's card: per-field accuracy on n test renders at 32 and at 64 px, and
     the caption accuracy of those renders against their own captions (the metric's ceiling)."""

@@ -188,6 +188,13 @@ class Glide(nn.Module):
         return self.unet(x_t, t, context=context, context_mask=mask, emb=emb, x_cond=self._extra_channels(p, x_t))
 
     # ------------------------------------------------------------------ warm starts
+    @staticmethod
+    def is_new_parameter(name: str) -> bool:
+        """The weights a warm start from an unconditional UNet lacks: the text transformer, its two
+        projections, the attention layers' text keys and values (and the upsampler's level embedding).
+        The trainer gives them recipe.class_embed_lr_mult times the learning rate."""
+        return name.startswith(("text.", "text_to_emb.", "text_to_context.", "aug_embed.")) or ".context_kv." in name
+
     def warm_start(self, source: nn.Module) -> "Glide":
         """Start from a trained model: a plain UNet (shapes_ddpm) fills self.unet, a GLIDE model fills
         everything. Weights the source lacks keep their initialisation (new attention blocks and
@@ -503,11 +510,11 @@ def token_words(model, tokens) -> list:
 # ---------------------------------------------------------------------- metrics for the cards
 
 ONE_OBJECT_PROMPTS = ("a red circle on the left", "a blue square at the top", "a green triangle in the center",
-                      "a yellow cross on the right", "a large purple circle at the bottom", "a small white square on the left",
+                      "a yellow cross on the right", "a large purple circle at the bottom", "a small orange square on the left",
                       "a blue triangle on the right", "a green circle at the top")
 TWO_OBJECT_PROMPTS = ("a red circle left of a blue square", "a green triangle above a yellow circle",
-                      "a white cross right of a red triangle", "a blue circle below a purple square",
-                      "a yellow square left of a green cross", "a purple triangle above a white circle",
+                      "a orange cross right of a red triangle", "a blue circle below a purple square",
+                      "a yellow square left of a green cross", "a purple triangle above a orange circle",
                       "a red square below a blue triangle", "a green circle right of a yellow square")
 
 
@@ -585,8 +592,9 @@ def known_rms(x, images, masks) -> float:
 
 
 def upsample_metrics(recipe, model, levels=(0, 100, 250)) -> dict:
-    """The upsampler given the area average of test renders at 64 px: RMS error against the 64 px truth
-    and caption accuracy of the result against the scene's own caption, per augmentation level s."""
+    """The upsampler given the area average of test renders at 64 px, per augmentation level s: RMS error
+    against the 64 px truth, RMS of the result's own area average against the clean low-res input (does
+    it keep what it was given?), and caption accuracy against the scene's own caption."""
     from course_lib.eval import attributes
     from course_lib.training.recipes import _schedule
     data = shapes.ShapesDataset("test", 64, recipe.eval_samples, recipe.seed + 3)
@@ -602,6 +610,7 @@ def upsample_metrics(recipe, model, levels=(0, 100, 250)) -> dict:
         x = sample(model, caps, steps=recipe.eval_steps, scale=1.0, seed=recipe.seed, bf16=recipe.bf16, progress=False,
                    extra=Prompt(caps, low_res=lo, aug_level=level)).clamp(-1, 1)
         out[f"rms_s{s}"] = round(float((x - truth).pow(2).mean().sqrt()), 4)
+        out[f"low_res_rms_s{s}"] = round(float((downsample(x, low.shape[-1]) - low).pow(2).mean().sqrt()), 4)
         out[f"caption_accuracy_s{s}"] = round(attributes.caption_accuracy(x, caps).accuracy, 4)
     bilinear = F.interpolate(low, size=truth.shape[-2:], mode="bilinear", align_corners=False)
     out["rms_bilinear"] = round(float((bilinear - truth).pow(2).mean().sqrt()), 4)

@@ -168,10 +168,12 @@ TASKS: dict[str, Callable] = {"diffusion": diffusion_loss, "classify": classify_
 
 
 def param_groups(model, recipe) -> list:
-    """AdamW's parameter groups: the class embedding at recipe.class_embed_lr_mult times the learning
-    rate (a warm start's only new weights, which start at zero), everything else at the rate itself."""
-    embed = [p for n, p in model.named_parameters() if n.startswith("class_embed.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("class_embed.")]
+    """AdamW's parameter groups: the weights a warm start adds (the class embedding; a model may name
+    its own with `is_new_parameter(name)`, as models.glide.Glide does for its text parts) at
+    recipe.class_embed_lr_mult times the learning rate, everything else at the rate itself."""
+    is_new = getattr(model, "is_new_parameter", None) or (lambda name: name.startswith("class_embed."))
+    embed = [p for n, p in model.named_parameters() if is_new(n)]
+    rest = [p for n, p in model.named_parameters() if not is_new(n)]
     groups = [{"params": rest, "lr_mult": 1.0}]
     if embed:
         groups.append({"params": embed, "lr_mult": recipe.class_embed_lr_mult})

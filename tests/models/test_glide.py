@@ -306,3 +306,26 @@ def test_text_attention_rows_are_distributions():
     assert (p[..., :L][~mask[:, None, None, :].expand_as(p[..., :L])] == 0).all()
     words = glide.token_words(m, tok)
     assert words[0] == ["<start>", "a", "red", "circle", "<end>"]
+
+
+def test_diversity_is_zero_for_copies_and_grows_with_spread():
+    from course_lib.eval.attributes import diversity
+    from course_lib.data.shapes import ShapesDataset
+    x = ShapesDataset("test", 32, 8, 0).images
+    same = x[:1].repeat(8, 1, 1, 1)
+    assert diversity(same, 4) == pytest.approx(0.0, abs=1e-4)
+    assert diversity(x, 4) > 0.1
+    with pytest.raises(ValueError, match="groups"):
+        diversity(x[:7], 4)
+
+
+def test_text_parts_get_their_own_learning_rate():
+    from course_lib.training import recipes, trainer
+    m = tiny()
+    rest, new = trainer.param_groups(m, recipes.get("shapes_glide"))
+    names = {id(p): n for n, p in m.named_parameters()}
+    new_names = {names[id(p)] for p in new["params"]}
+    assert new["lr_mult"] == recipes.get("shapes_glide").class_embed_lr_mult > 1
+    assert any(n.startswith("text.") for n in new_names) and any(".context_kv." in n for n in new_names)
+    assert "text_to_emb.weight" in new_names and not any(n.startswith("unet.conv_in") for n in new_names)
+    assert len(rest["params"]) + len(new["params"]) == len(list(m.parameters()))
