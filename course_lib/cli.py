@@ -462,7 +462,7 @@ def _bench(args) -> int:
     script = folder / f"{name}.py"
     if script not in scripts:
         raise ValueError(f"unknown benchmark {args.name!r}; known: {', '.join(p.stem for p in scripts)}")
-    extra = args.args[1:] if args.args[:1] == ["--"] else args.args
+    extra = args.args
     out = results / f"{name}.txt"
     before = out.stat().st_mtime if out.exists() else None
     print(f"running {script} {' '.join(extra)}".rstrip(), flush=True)
@@ -611,9 +611,9 @@ def main(argv=None) -> int:
     p.set_defaults(func=_run)
     p = sub.add_parser("bench", help="run a benchmark and show its results file (alone: list them)",
                        description="Run benchmarks/NAME.py (arguments after -- go to the script) and print "
-                       "benchmarks/results/NAME.txt; without NAME, list the benchmarks and their last results.")
+                       "benchmarks/results/NAME.txt; without NAME, list the benchmarks and their last results.",
+                       epilog="example: course bench samplers -- --batch 4 --repeats 1")
     p.add_argument("name", nargs="?", default=None, help="benchmark name (a script in benchmarks/)")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script, after --")
     p.add_argument("--dir", default=str(REPO / "benchmarks"), help=argparse.SUPPRESS)
     p.set_defaults(func=_bench)
     p = sub.add_parser("data", help="where each dataset was found; fetch or install what is missing",
@@ -623,7 +623,12 @@ def main(argv=None) -> int:
                        "torchvision (with internet). Exit status 1 when it is still missing.")
     p.add_argument("--no-fetch", action="store_true", help="only report; install or download nothing")
     p.set_defaults(func=_data)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if argv[:1] == ["bench"] and "--" in argv:          # what follows -- is the benchmark script's
+        extra, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
     args = parser.parse_args(argv)
+    args.args = extra
     try:
         return args.func(args)
     except (KeyError, ValueError, checkpoints.CheckpointError, runtime.DeviceError, FileNotFoundError) as e:
