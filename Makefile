@@ -46,22 +46,17 @@ test-lib: $(STAMP)
 # written yet): that is a pass for this step only, as is a missing notebooks/ folder.
 test-notebooks: $(STAMP)
 	@if [ ! -d notebooks ]; then echo "no notebooks/ folder: no notebooks to run"; exit 0; fi; \
+	$(BIN)/course data || exit $$?; \
 	rc=0; COURSE_QUICK=1 PATH="$(BIN):$$PATH" $(BIN)/pytest --nbval-lax \
 	    --nbval-cell-timeout=$(CELL_TIMEOUT) notebooks/ || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no notebooks collected in notebooks/: nothing to run"; exit 0; fi; \
 	exit $$rc
 
-# Full settings: COURSE_QUICK is unset for the kernels. Lessons run in order, in place.
+# Full settings: COURSE_QUICK is unset for the kernels. Lessons run in order, in place, then site/
+# is built (`course run`; `course run 03 --quick` runs one lesson at test settings into site/ only).
 course: $(STAMP)
-	@set -e; unset COURSE_QUICK; export PATH="$(BIN):$$PATH"; \
-	for nb in notebooks/[0-9][0-9]_*.ipynb; do \
-	    [ -e "$$nb" ] || continue; \
-	    echo "executing $$nb"; start=$$(date +%s); \
-	    $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	        --ExecutePreprocessor.timeout=$(COURSE_CELL_TIMEOUT) "$$nb"; \
-	    echo "$$nb: $$(( $$(date +%s) - start )) s"; \
-	done
-	$(BIN)/python -m course_lib.site --notebooks notebooks --out site
+	$(BIN)/course data
+	PATH="$(BIN):$$PATH" $(BIN)/course run --timeout $(COURSE_CELL_TIMEOUT) --notebooks notebooks --out site
 
 lab: $(STAMP)
 	cd notebooks && PATH="$(BIN):$$PATH" $(BIN)/jupyter lab
