@@ -50,6 +50,9 @@ class GlideConfig:
     context_length: int = 20
     vocab_size: int = 64
     low_res: int = 32               # upsample: the input resolution
+    text_encoder: str = "joint"     # "joint": nn.transformer.TextTransformer from scratch (GLIDE); "clip": open_clip's
+                                    # text tower (shapes-tiny-clip), started from shapes_clip at a warm start and
+                                    # trained jointly from there (text_width 128, 3 causal layers)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -57,6 +60,8 @@ class GlideConfig:
         if self.unet.cond_channels != COND_CHANNELS[self.kind]:
             raise ValueError(f"a {self.kind} GLIDE needs unet.cond_channels={COND_CHANNELS[self.kind]}, "
                              f"got {self.unet.cond_channels}")
+        if self.text_encoder not in ("joint", "clip"):
+            raise ValueError(f"text_encoder must be 'joint' or 'clip', got {self.text_encoder!r}")
         if self.unet.context_dim is None:
             raise ValueError("GLIDE's UNet needs a context_dim (the width its attention reads text tokens at)")
 
@@ -126,7 +131,14 @@ class Glide(nn.Module):
         super().__init__()
         self.config = cfg = config
         emb_dim = 4 * cfg.unet.base_channels
-        self.text = TextTransformer(cfg.vocab_size, cfg.context_length, cfg.text_width, cfg.text_layers, cfg.text_heads)
+        if cfg.text_encoder == "clip":
+            self.text = ClipTextTokens()
+            if (self.text.width, self.text.context_length, self.text.vocab_size) != (cfg.text_width, cfg.context_length,
+                                                                                   cfg.vocab_size):
+                raise ValueError(f"the CLIP text tower is width {self.text.width}, {self.text.context_length} tokens, "
+                                 f"vocabulary {self.text.vocab_size}: set text_width, context_length, vocab_size to match")
+        else:
+            self.text = TextTransformer(cfg.vocab_size, cfg.context_length, cfg.text_width, cfg.text_layers, cfg.text_heads)
         self.text_to_emb = zero_module(nn.Linear(cfg.text_width, emb_dim))   # step 0 of a warm start: no text yet
         self.text_to_context = nn.Sequential(nn.LayerNorm(cfg.text_width), nn.Linear(cfg.text_width, cfg.unet.context_dim))
         self.aug_embed = TimestepEmbedding(cfg.unet.base_channels, emb_dim) if cfg.kind == "upsample" else None
@@ -188,12 +200,12 @@ class Glide(nn.Module):
         return self.unet(x_t, t, context=context, context_mask=mask, emb=emb, x_cond=self._extra_channels(p, x_t))
 
     # ------------------------------------------------------------------ warm starts
-    @staticmethod
-    def is_new_parameter(name: str) -> bool:
-        """The weights a warm start from an unconditional UNet lacks: the text transformer, its two
-        projections, the attention layers' text keys and values (and the upsampler's level embedding).
-        The trainer gives them recipe.class_embed_lr_mult times the learning rate."""
-        return name.startswith(("text.", "text_to_emb.", "text_to_context.", "aug_embed.")) or ".context_kv." in name
+    def is_new_parameter(self, name: str) -> bool:
+        """The weights a warm start gives no trained value: the text transformer (unless it comes from
+        shapes_clip), its two projections, the attention layers' text keys and values (and the
+        upsampler's level embedding). The trainer gives them recipe.class_embed_lr_mult times the rate."""
+        new = ("text_to_emb.", "text_to_context.", "aug_embed.") + (("text.",) if self.config.text_encoder == "joint" else ())
+        return name.startswith(new) or ".context_kv." in name
 
     def warm_start(self, source: nn.Module) -> "Glide":
         """Start from a trained model: a plain UNet (shapes_ddpm) fills self.unet, a GLIDE model fills
@@ -204,6 +216,9 @@ class Glide(nn.Module):
         src = source.state_dict()
         if isinstance(source, UNet):
             src = {f"unet.{k}": v for k, v in src.items()}
+            if self.config.text_encoder == "clip":       # the text tower from shapes_clip, the UNet from `source`
+                from course_lib.training.checkpoints import load_pretrained
+                src.update({f"text.{k}": v for k, v in ClipTextTokens.weights_of(load_pretrained("shapes_clip")).items()})
         taken = {}
         for k, v in src.items():
             if k not in own:
@@ -219,6 +234,39 @@ class Glide(nn.Module):
                                  f"{tuple(own[k].shape)} here")
         self.load_state_dict({**own, **taken})
         return self
+
+
+class ClipTextTokens(nn.Module):
+    """open_clip's text tower (the shapes-tiny-clip architecture, models.clip) returning every token's
+    features after the final LayerNorm (B, L, width), before CLIP's pooling and projection: causal
+    attention, so the end token has read the whole caption (it is CLIP's pooled token)."""
+
+    def __init__(self):
+        super().__init__()
+        import open_clip
+        from course_lib.models.clip import CONFIG_NAME, _quiet_logging, register
+        register()
+        with _quiet_logging():
+            clip = open_clip.create_model(CONFIG_NAME, pretrained=None)
+        self.token_embedding, self.positional_embedding = clip.token_embedding, clip.positional_embedding
+        self.transformer, self.ln_final = clip.transformer, clip.ln_final
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.width, self.context_length, self.vocab_size = clip.transformer.width, clip.context_length, clip.vocab_size
+
+    PARTS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
+
+    @classmethod
+    def weights_of(cls, shapes_clip) -> dict:
+        """The text-tower weights of a ShapesCLIP, named as this module names them."""
+        return {k[len("clip."):]: v for k, v in shapes_clip.state_dict().items()
+                if k.startswith("clip.") and k[len("clip."):].startswith(cls.PARTS)}
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.shape[1] != self.context_length:
+            raise ValueError(f"tokens must be (B, {self.context_length}), got {tuple(tokens.shape)}")
+        x = self.token_embedding(tokens) + self.positional_embedding
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        return self.ln_final(x)
 
 
 # ---------------------------------------------------------------------- checks

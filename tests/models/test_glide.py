@@ -329,3 +329,35 @@ def test_text_parts_get_their_own_learning_rate():
     assert any(n.startswith("text.") for n in new_names) and any(".context_kv." in n for n in new_names)
     assert "text_to_emb.weight" in new_names and not any(n.startswith("unet.conv_in") for n in new_names)
     assert len(rest["params"]) + len(new["params"]) == len(list(m.parameters()))
+
+
+def test_clip_text_tower_is_shapes_clips_and_its_end_token_is_clips_pooled_text():
+    from course_lib.training import checkpoints
+    from course_lib.nn.transformer import last_token
+    clip = checkpoints.load_pretrained("shapes_clip")
+    tower = glide.ClipTextTokens()
+    tower.load_state_dict(glide.ClipTextTokens.weights_of(clip))
+    tok = clip.tokens(["a red circle on the left", "a blue square left of a green cross"])
+    pooled = last_token(tower(tok, tok != PAD), tok != PAD)
+    proj = clip.clip.text_projection
+    mine = proj(pooled) if isinstance(proj, torch.nn.Module) else pooled @ proj
+    torch.testing.assert_close(mine, clip.clip.encode_text(tok), atol=1e-5, rtol=1e-5)
+
+
+def test_clip_text_warm_start_and_learning_rates():
+    from course_lib.training import checkpoints, recipes, trainer
+    r = recipes.get("shapes_glide")
+    assert r.model_config.text_encoder == "clip"
+    m = r.build_model()
+    checkpoints.warm_start(m, r.init_from)
+    clip = checkpoints.load_pretrained("shapes_clip")
+    for k, v in glide.ClipTextTokens.weights_of(clip).items():
+        assert torch.equal(m.text.state_dict()[k], v), k
+    ddpm = checkpoints.load_pretrained("shapes_ddpm").state_dict()
+    assert all(torch.equal(m.unet.state_dict()[k], v) for k, v in ddpm.items())
+    rest, new = trainer.param_groups(m, r)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert not any(names[id(p)].startswith("text.") for p in new["params"])   # the CLIP tower: the base rate
+    assert any(names[id(p)].startswith("text_to_emb.") for p in new["params"])
+    with pytest.raises(ValueError, match="text_encoder"):
+        glide.GlideConfig(text_encoder="bert")
