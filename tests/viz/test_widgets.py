@@ -173,3 +173,18 @@ def test_prompt_scale_viewer_moves_through_cached_frames_and_names_uncached_prom
     assert "was not sampled in advance" in v.caption.value and "a red circle" in v.caption.value
     with pytest.raises(ValueError, match="every"):
         prompt_scale_viewer({("a", 1.0): grids[("a red circle", 0.0)], ("b", 2.0): grids[("a red circle", 0.0)]})
+
+
+def test_saved_widget_state_holds_the_shown_frame_and_the_control(sched):
+    """What "Save widget state" stores with a notebook (and a page can embed): the image model's
+    value is the PNG of the frame the slider is on, and the slider model holds that t."""
+    from ipywidgets.embed import embed_data
+    w = widgets.t_slider(sched, _images(), ts=[0, 33, 66, 99])                  # an IntSlider
+    w.control.value = 66
+    data = embed_data(views=[w])
+    state = data["manager_state"]["state"]
+    assert [v["model_id"] for v in data["view_specs"]] == [w.model_id]
+    buffers = {tuple(b["path"]): b for b in state[w.image.model_id]["buffers"]}
+    assert base64.b64decode(buffers[("value",)]["data"]) == w.frames[66][0]
+    assert state[w.control.model_id]["state"]["value"] == 66
+    assert state[w.caption.model_id]["state"]["value"] == w.frames[66][1]
