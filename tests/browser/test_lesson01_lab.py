@@ -1,6 +1,7 @@
 """Lesson 01 in JupyterLab, in headless Chromium: run the cells the t slider needs (found from the
 names the slider's cell reads), drag the slider and check the picture changes, pixel by pixel,
-with the readout and the caption following. Screenshots: .ci/artifacts/lesson01_lab_*.png."""
+with the readout and the caption following; a slider cell left unrun shows its saved still.
+Screenshots: .ci/artifacts/lesson01_lab*.png."""
 import ast
 import builtins
 import io
@@ -116,6 +117,10 @@ def test_the_t_slider_moves_and_the_picture_changes(jupyter_lab, page, artifacts
         assert first_line in cells.nth(i).locator(".jp-InputArea-editor").inner_text(), f"cell {i} is not the notebook's"
         run_cell(page, cells.nth(i), count, deadline)
     cells.nth(target).locator(".jp-OutputArea-output .widget-hslider").wait_for(timeout=10_000)
+    for i in [i for i, src in enumerate(sources) if src and SLIDER_CALL in src and i not in needed]:
+        still = cells.nth(i).locator(".jp-OutputArea-output")  # a saved slider not run: its still, not an error
+        assert "a still of the interactive viewer" in still.inner_text(), f"cell {i} shows no still of its slider"
+        assert still.locator("img").count() == 1 and still.locator("img").bounding_box()["width"] > 100
 
     out = cells.nth(target).locator(".jp-OutputArea-output").first
     image, readout = out.locator("img.widget-image"), out.locator(".widget-readout")
