@@ -410,13 +410,15 @@ def model_config(model) -> GlideConfig:
 
 def sample(model, prompts, *, steps: int = 50, scale: float = 3.0, seed: int = 0, x_T=None, bf16: bool = False,
            batch_size: int = 128, progress: bool = True, schedule=None, sampler: str = "ddpm", eta: float = 1.0,
-           extra: Prompt | None = None, replace_known: bool = False, resample: int = 1):
+           extra: Prompt | None = None, replace_known: bool = False, resample: int = 1, low_pass: bool = False):
     """Samples for `prompts` (one per row) with classifier-free guidance at `scale` (1: the plain
     conditional model, 0: the unconditional one), respaced DDPM (or DDIM) with `steps` steps.
 
     extra: a Prompt with the inpainting (image, mask) or upsampling (low_res, aug_level) rows.
     replace_known: inpaint by replacement on any model: after each step the known region is
     overwritten with q_sample(image, t_prev) (RePaint's resampling `resample` > 1 times per step).
+    low_pass: upsampling with ILVR (Choi et al. 2021): after each step the low frequencies of x_prev
+    (its area average at the low resolution) are replaced by those of the low-res input noised to t_prev.
     """
     from course_lib.guidance.cfg import cfg_eps
     from course_lib.samplers import loop, respace
@@ -454,7 +456,10 @@ def sample(model, prompts, *, steps: int = 50, scale: float = 3.0, seed: int = 0
     for lo in range(0, n, batch_size):
         sl = slice(lo, min(n, lo + batch_size))
         p = Prompt(prompts[sl]) if extra is None else extra.rows(sl)._replace(captions=prompts[sl])
-        if replace_known:
+        if low_pass:
+            out.append(low_pass_upsample(eps_fn, spaced.schedule, x_T[sl].to(dev), p, step=step, generator=g,
+                                         progress=progress))
+        elif replace_known:
             out.append(replacement_inpaint(eps_fn, spaced.schedule, x_T[sl].to(dev), p, step=step, generator=g,
                                            resample=resample, progress=progress))
         else:
@@ -496,6 +501,31 @@ def replacement_inpaint(eps_fn, schedule, x_T, prompt: Prompt, *, step, generato
                 x = a.sqrt() * x_prev + (1 - a).sqrt() * _randn(x_prev, generator)
             else:
                 x = x_prev
+    return x
+
+
+def low_pass_filter(x: torch.Tensor, size: int) -> torch.Tensor:
+    """phi(x): the area average of x at size x size, brought back to x's size by repetition (a projection)."""
+    return F.interpolate(downsample(x, size), size=x.shape[-2:], mode="nearest")
+
+
+@torch.no_grad()
+def low_pass_upsample(eps_fn, schedule, x_T, prompt: Prompt, *, step, generator, progress: bool = True):
+    """ILVR (Choi et al. 2021, "Iterative Latent Variable Refinement", eq. 8) for an upsampler: after each
+    step, x_prev <- x_prev - phi(x_prev) + phi(y_prev), phi the low-pass projection (area average at the
+    low resolution, repeated back) and y_prev the low-res input, repeated to full size and noised to
+    t_prev. The result's area average is then the input exactly (at the last step, t_prev = -1)."""
+    from tqdm.auto import tqdm
+    low = prompt.low_res.to(x_T.device, x_T.dtype)
+    size = low.shape[-1]
+    ref = F.interpolate(low, size=x_T.shape[-2:], mode="nearest")       # phi(ref) = ref, its average is `low`
+    B, T = x_T.shape[0], schedule.T
+    x = x_T
+    for i in tqdm(range(T - 1, -1, -1), desc="upsample (ILVR)", disable=not progress):
+        t = torch.full((B,), i, dtype=torch.long, device=x.device)
+        x = step(schedule, x, t, t - 1, eps_fn(x, t, prompt), generator=generator).x_prev
+        y = formulas.q_sample(schedule, ref, t - 1, _randn(ref, generator)) if i > 0 else ref
+        x = x - low_pass_filter(x, size) + low_pass_filter(y, size)
     return x
 
 
@@ -642,7 +672,8 @@ def known_rms(x, images, masks) -> float:
 def upsample_metrics(recipe, model, levels=(0, 100, 250)) -> dict:
     """The upsampler given the area average of test renders at 64 px, per augmentation level s: RMS error
     against the 64 px truth, RMS of the result's own area average against the clean low-res input (does
-    it keep what it was given?), and caption accuracy against the scene's own caption."""
+    it keep what it was given?), and caption accuracy against the scene's own caption; then the same at
+    s = 0 with ILVR's low-pass replacement (low_pass_upsample), and bilinear interpolation for scale."""
     from course_lib.eval import attributes
     from course_lib.training.recipes import _schedule
     data = shapes.ShapesDataset("test", 64, recipe.eval_samples, recipe.seed + 3)
@@ -660,6 +691,10 @@ def upsample_metrics(recipe, model, levels=(0, 100, 250)) -> dict:
         out[f"rms_s{s}"] = round(float((x - truth).pow(2).mean().sqrt()), 4)
         out[f"low_res_rms_s{s}"] = round(float((downsample(x, low.shape[-1]) - low).pow(2).mean().sqrt()), 4)
         out[f"caption_accuracy_s{s}"] = round(attributes.caption_accuracy(x, caps).accuracy, 4)
+    x = sample(model, caps, steps=recipe.eval_steps, scale=1.0, seed=recipe.seed, bf16=recipe.bf16, progress=False,
+               extra=Prompt(caps, low_res=low, aug_level=torch.zeros(len(caps), dtype=torch.long)), low_pass=True).clamp(-1, 1)
+    out["rms_ilvr_s0"] = round(float((x - truth).pow(2).mean().sqrt()), 4)
+    out["caption_accuracy_ilvr_s0"] = round(attributes.caption_accuracy(x, caps).accuracy, 4)
     bilinear = F.interpolate(low, size=truth.shape[-2:], mode="bilinear", align_corners=False)
     out["rms_bilinear"] = round(float((bilinear - truth).pow(2).mean().sqrt()), 4)
     out["caption_accuracy_truth"] = round(attributes.caption_accuracy(truth, caps).accuracy, 4)

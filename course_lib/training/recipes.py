@@ -162,7 +162,7 @@ RECIPES = {r.name: r for r in [
            "known image times the mask and the mask (1 = known), zero-initialised so step 0 is shapes_glide; "
            "masks are a random half of the image or a random rectangle (sides 8-24 px).",
            GlideConfig(unet=preset("shapes", context_dim=128, cond_channels=4), kind="inpaint", text_encoder="clip"),
-           task="glide_inpaint", steps=1200, batch_size=64, lr=5e-4, warmup=100, label_dropout=0.15,
+           task="glide_inpaint", steps=1200, batch_size=64, lr=1e-3, warmup=100, label_dropout=0.15,
            checkpoint_every=250, data="shapes", data_size=30_000, init_from="shapes_glide",
            eval_samples=200, eval_steps=50),
     Recipe("shapes_upsampler",

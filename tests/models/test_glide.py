@@ -361,3 +361,16 @@ def test_clip_text_warm_start_and_learning_rates():
     assert any(names[id(p)].startswith("text_to_emb.") for p in new["params"])
     with pytest.raises(ValueError, match="text_encoder"):
         glide.GlideConfig(text_encoder="bert")
+
+
+def test_low_pass_upsample_keeps_the_input_exactly():
+    m = tiny("upsample")
+    low = torch.rand(2, 3, 8, 8) * 2 - 1
+    caps = ["a red circle", "a blue square"]
+    p = glide.Prompt(caps, low_res=low, aug_level=torch.zeros(2, dtype=torch.long))
+    x = glide.sample(m, caps, steps=3, scale=1.0, progress=False, extra=p, low_pass=True)
+    torch.testing.assert_close(glide.downsample(x, 8), low, atol=1e-5, rtol=0)
+    plain = glide.sample(m, caps, steps=3, scale=1.0, progress=False, extra=p)
+    assert (glide.downsample(plain, 8) - low).abs().max() > 1e-2
+    f = glide.low_pass_filter(x, 8)
+    torch.testing.assert_close(glide.low_pass_filter(f, 8), f)     # a projection
