@@ -40,6 +40,16 @@ def _scale_for(width: int, scale: int | None) -> int:
     return scale if scale is not None else max(1, min(8, TARGET_WIDTH_PX // max(1, width)))
 
 
+def with_still(data: dict, png: bytes, caption: str, hint: str) -> dict:
+    """A widget's mime bundle plus a static picture and its caption, for renderers without a live frontend
+    (nbconvert, GitHub, the site): `hint` says what running the cell in Jupyter gives."""
+    b64 = base64.b64encode(bytes(png)).decode("ascii")
+    data["image/png"] = b64
+    data["text/html"] = (f'<figure style="margin:0"><img src="data:image/png;base64,{b64}"/>'
+                         f'<figcaption>{caption}<br><i>({hint})</i></figcaption></figure>')
+    return data
+
+
 class FrameViewer(widgets.VBox):
     """One or more controls (slider, dropdown), the image of the selected frame and a caption under it.
 
@@ -79,13 +89,8 @@ class FrameViewer(widgets.VBox):
 
     def _repr_mimebundle_(self, **kwargs):
         """The widget view for a live frontend, plus a static picture for renderers without one."""
-        data = super()._repr_mimebundle_(**kwargs)
-        b64 = base64.b64encode(bytes(self.image.value)).decode("ascii")
-        data["image/png"] = b64
-        data["text/html"] = (f'<figure style="margin:0"><img src="data:image/png;base64,{b64}"/>'
-                             f'<figcaption>{self.caption.value}<br><i>(a still of the interactive '
-                             f'viewer: run the cell in Jupyter to move the control)</i></figcaption></figure>')
-        return data
+        return with_still(super()._repr_mimebundle_(**kwargs), self.image.value, self.caption.value,
+                          "a still of the interactive viewer: run the cell in Jupyter to move the control")
 
 
 def _control_over(values: Sequence[int], value: int, description: str):
@@ -431,13 +436,8 @@ class MaskEditor(widgets.VBox):
 
     def _repr_mimebundle_(self, **kwargs):
         """The widget view for a live frontend, plus a static picture for renderers without one."""
-        data = super()._repr_mimebundle_(**kwargs)
-        b64 = base64.b64encode(bytes(self.image.value)).decode("ascii")
-        data["image/png"] = b64
-        data["text/html"] = (f'<figure style="margin:0"><img src="data:image/png;base64,{b64}"/>'
-                             f'<figcaption>{self.caption.value}<br><i>(a still of the mask editor: run the cell '
-                             f'in Jupyter to press cells and inpaint)</i></figcaption></figure>')
-        return data
+        return with_still(super()._repr_mimebundle_(**kwargs), self.image.value, self.caption.value,
+                          "a still of the mask editor: run the cell in Jupyter to press cells and inpaint")
 
 
 def mask_editor(run: Callable, prompts: Sequence[str], *, cells: int = 4, size: int = 32,

@@ -26,6 +26,7 @@ SWEPT = {}   # widget function name -> the tests that sweep it (filled by @sweep
 HELPERS = {  # public functions that build no widget, with what they are (tests/viz/test_widgets.py, test_mask_editor.py)
     "encode_png": "PNG bytes of an array",
     "default_ts": "the steps a t slider offers",
+    "with_still": "a widget's mime bundle with its static picture (tested through every widget's still)",
     "mask_from_cells": "the inpainting mask of a grid of cells",
 }
 
