@@ -3,6 +3,7 @@
 #   make course   execute every lesson with full settings (outputs kept), then build site/
 #   make test     the library's tests, then every notebook under nbval (COURSE_QUICK=1)
 #   make lab      JupyterLab in notebooks/
+#   make docs     docs/figures/: each executed lesson's first figure (for the README)
 #   make clean    remove site/ and caches (never .venv: rm -rf .venv to start over)
 #
 # Each target creates .venv when it is missing; .venv/.installed records that the install
@@ -23,7 +24,7 @@ COURSE_CELL_TIMEOUT ?= 7200
 export JUPYTER_PREFER_ENV_PATH := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: course test test-lib test-notebooks lab venv clean
+.PHONY: course test test-lib test-notebooks lab docs venv clean
 
 venv: $(STAMP)
 
@@ -57,6 +58,11 @@ test-notebooks: $(STAMP)
 course: $(STAMP)
 	$(BIN)/course data
 	PATH="$(BIN):$$PATH" $(BIN)/course run --timeout $(COURSE_CELL_TIMEOUT) --notebooks notebooks --out site
+
+# docs/figures/NN_topic.png: each executed lesson's first figure, for the README (site.py picks them)
+docs: $(STAMP)
+	$(BIN)/python -m course_lib.site --notebooks notebooks --out build/site
+	mkdir -p docs/figures && cp build/site/figures/*.png docs/figures/
 
 lab: $(STAMP)
 	cd notebooks && PATH="$(BIN):$$PATH" $(BIN)/jupyter lab
