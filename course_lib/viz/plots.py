@@ -210,7 +210,8 @@ def captioned_grid(images, captions: Sequence[str], ncol: int = 4, *, width: flo
         ax.axis("off")
         if k >= images.shape[0]:
             continue
-        ax.imshow(grid_array(images[k:k + 1], nrow=1, padding=0))
+        tile = grid_array(images[k:k + 1], nrow=1, padding=0)
+        ax.imshow(tile, cmap="gray" if tile.ndim == 2 else None, vmin=0, vmax=1)   # grey stays grey
         color = "black" if marks is None else ("#1a7f37" if marks[k] else "#b42318")
         ax.set_title("\n".join(textwrap.wrap(captions[k], wrap)), fontsize=8, color=color)
     if suptitle:

@@ -133,3 +133,13 @@ def test_captioned_grid_titles_and_marks():
     plt.close(fig)
     with pytest.raises(ValueError, match="captions"):
         captioned_grid(x, ["one"])
+
+
+def test_captioned_grid_draws_grey_images_in_grey():
+    import matplotlib
+    matplotlib.use("Agg")
+    import torch
+    from course_lib.viz import plots
+    fig = plots.captioned_grid(torch.linspace(-1, 1, 16).reshape(1, 1, 4, 4), ["a"], ncol=1)
+    im = fig.axes[0].images[0]
+    assert im.get_cmap().name == "gray" and im.get_clim() == (0, 1)
