@@ -306,11 +306,18 @@ def training_captions(codes: torch.Tensor, variants: torch.Tensor, drop: torch.T
     return caps, cap_codes
 
 
-def _batch_captions(model_text: ShapesCLIP, y, g, like):
+def paraphrased_captions(y, g, like):
+    """Training captions of a batch's scene codes y, drawn from the step's generator g (DDP-exact): a random
+    phrasing each, sizes left out 30% of the time, a single object's position 20%. Returns (captions, their
+    codes). The CLIPs and GLIDE (models.glide) train on these."""
     from course_lib.training.trainer import batch_rand, batch_randint
     variants = batch_randint(g, shapes.N_VARIANTS, like).cpu()
     drop = torch.stack([batch_rand(g, like) < 0.3, batch_rand(g, like) < 0.2], 1).cpu()
-    caps, cap_codes = training_captions(y.cpu(), variants, drop)
+    return training_captions(y.cpu(), variants, drop)
+
+
+def _batch_captions(model_text: ShapesCLIP, y, g, like):
+    caps, cap_codes = paraphrased_captions(y, g, like)
     return model_text.tokens(caps), caption_matches(cap_codes, y.cpu()).to(like.device)
 
 

@@ -351,13 +351,11 @@ def augment(schedule, low: torch.Tensor, level, noise: torch.Tensor) -> torch.Te
 # ---------------------------------------------------------------------- training tasks
 
 def _captions(model, recipe, y, g, like):
-    """Captions of the batch's scenes, paraphrased as the CLIPs were trained (sizes left out 30% of the
-    time, a single object's position 20%), and the empty caption `label_dropout` of the time."""
-    from course_lib.models.clip import training_captions
-    from course_lib.training.trainer import batch_rand, batch_randint
-    variants = batch_randint(g, shapes.N_VARIANTS, like).cpu()
-    drop = torch.stack([batch_rand(g, like) < 0.3, batch_rand(g, like) < 0.2], 1).cpu()
-    caps, _ = training_captions(y.cpu(), variants, drop)
+    """Captions of the batch's scenes, paraphrased as the CLIPs were trained (models.clip.paraphrased_captions),
+    and the empty caption `label_dropout` of the time."""
+    from course_lib.models.clip import paraphrased_captions
+    from course_lib.training.trainer import batch_rand
+    caps, _ = paraphrased_captions(y, g, like)
     empty = (batch_rand(g, like) < recipe.label_dropout).cpu()
     return ["" if e else c for c, e in zip(caps, empty.tolist())]
 
@@ -469,6 +467,39 @@ def sample(model, prompts, *, steps: int = 50, scale: float = 3.0, seed: int = 0
 
 
 @torch.no_grad()
+def projected_sampling(eps_fn, schedule, x_T, cond, *, step, generator, project, resample: int = 1,
+                       desc: str = "sampling", progress: bool = True):
+    """Ancestral sampling with a projection after every step: x_prev = project(step(x_t), t), t the step's
+    code indices (B,) (x_prev is at t - 1; -1 on the last step). resample > 1 (RePaint): each step but
+    the last is undone (x_t from x_prev by one forward step of noise, q(x_t | x_{t-1})) and redone,
+    resample times. Replacement inpainting and ILVR are two projections."""
+    from tqdm.auto import tqdm
+    from course_lib.samplers.loop import randn
+    if resample < 1:
+        raise ValueError(f"resample must be >= 1, got {resample}")
+    B, T = x_T.shape[0], schedule.T
+    ab = torch.as_tensor(schedule.alpha_bar, dtype=torch.float32, device=x_T.device)
+    x = x_T
+    for i in tqdm(range(T - 1, -1, -1), desc=desc, disable=not progress):
+        t = torch.full((B,), i, dtype=torch.long, device=x.device)
+        for r in range(resample):
+            x_prev = project(step(schedule, x, t, t - 1, eps_fn(x, t, cond), generator=generator).x_prev, t)
+            if r < resample - 1 and i > 0:   # back to x_t: q(x_t | x_{t-1}) = N(sqrt(a_t) x_{t-1}, (1 - a_t) I)
+                a = ab[i] / ab[i - 1]
+                x = a.sqrt() * x_prev + (1 - a).sqrt() * randn(x_prev.shape, generator, x_prev.device).to(x_prev.dtype)
+            else:
+                x = x_prev
+    return x
+
+
+def _noised(schedule, x0, t, generator):
+    """q_sample(x0, t - 1) with noise from generator, or x0 itself on the last step (t - 1 = -1)."""
+    from course_lib.samplers.loop import randn
+    if int(t[0]) == 0:
+        return x0
+    return formulas.q_sample(schedule, x0, t - 1, randn(x0.shape, generator, x0.device).to(x0.dtype))
+
+
 def replacement_inpaint(eps_fn, schedule, x_T, prompt: Prompt, *, step, generator, resample: int = 1,
                         progress: bool = True):
     """Inpainting by replacement (Song et al. 2021, sec. 5; RePaint, Lugmayr et al. 2022) on a model that
@@ -476,32 +507,15 @@ def replacement_inpaint(eps_fn, schedule, x_T, prompt: Prompt, *, step, generato
     step, q_sample(image, t_prev), so the model only invents the masked part and it must agree with
     the rest. resample > 1: RePaint's resampling, each step undone (x_t from x_{t-1} by one forward
     step of noise) and redone, resample times, to harmonise the two regions."""
-    from tqdm.auto import tqdm
     check_mask(prompt.mask, (x_T.shape[0], 1, *x_T.shape[-2:]))
     check_image_range(prompt.image, tuple(x_T.shape), "the known image")
-    if resample < 1:
-        raise ValueError(f"resample must be >= 1, got {resample}")
     image, mask = prompt.image.to(x_T.device), prompt.mask.to(x_T.device).to(x_T.dtype)
-    text = Prompt(prompt.captions)                         # the base model sees only the caption
-    B, T = x_T.shape[0], schedule.T
-    ab = torch.as_tensor(schedule.alpha_bar, dtype=torch.float32, device=x_T.device)
-    x = x_T
-    for i in tqdm(range(T - 1, -1, -1), desc="inpaint", disable=not progress):
-        t = torch.full((B,), i, dtype=torch.long, device=x.device)
-        for r in range(resample):
-            eps = eps_fn(x, t, text)
-            x_prev = step(schedule, x, t, t - 1, eps, generator=generator).x_prev
-            if i > 0:
-                known = formulas.q_sample(schedule, image, t - 1, _randn(image, generator))
-            else:
-                known = image
-            x_prev = mask * known + (1 - mask) * x_prev
-            if r < resample - 1 and i > 0:   # back to x_t: q(x_t | x_{t-1}) = N(sqrt(a_t) x_{t-1}, (1 - a_t) I)
-                a = ab[i] / ab[i - 1]
-                x = a.sqrt() * x_prev + (1 - a).sqrt() * _randn(x_prev, generator)
-            else:
-                x = x_prev
-    return x
+
+    def project(x_prev, t):
+        return mask * _noised(schedule, image, t, generator) + (1 - mask) * x_prev
+    return projected_sampling(eps_fn, schedule, x_T, Prompt(prompt.captions),   # the base model sees only the caption
+                              step=step, generator=generator, project=project, resample=resample, desc="inpaint",
+                              progress=progress)
 
 
 def low_pass_filter(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -509,28 +523,19 @@ def low_pass_filter(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(downsample(x, size), size=x.shape[-2:], mode="nearest")
 
 
-@torch.no_grad()
 def low_pass_upsample(eps_fn, schedule, x_T, prompt: Prompt, *, step, generator, progress: bool = True):
     """ILVR (Choi et al. 2021, "Iterative Latent Variable Refinement", eq. 8) for an upsampler: after each
     step, x_prev <- x_prev - phi(x_prev) + phi(y_prev), phi the low-pass projection (area average at the
     low resolution, repeated back) and y_prev the low-res input, repeated to full size and noised to
     t_prev. The result's area average is then the input exactly (at the last step, t_prev = -1)."""
-    from tqdm.auto import tqdm
     low = prompt.low_res.to(x_T.device, x_T.dtype)
     size = low.shape[-1]
     ref = F.interpolate(low, size=x_T.shape[-2:], mode="nearest")       # phi(ref) = ref, its average is `low`
-    B, T = x_T.shape[0], schedule.T
-    x = x_T
-    for i in tqdm(range(T - 1, -1, -1), desc="upsample (ILVR)", disable=not progress):
-        t = torch.full((B,), i, dtype=torch.long, device=x.device)
-        x = step(schedule, x, t, t - 1, eps_fn(x, t, prompt), generator=generator).x_prev
-        y = formulas.q_sample(schedule, ref, t - 1, _randn(ref, generator)) if i > 0 else ref
-        x = x - low_pass_filter(x, size) + low_pass_filter(y, size)
-    return x
 
-
-def _randn(like, generator):
-    return torch.randn(like.shape, generator=generator).to(like.device, like.dtype)
+    def project(x_prev, t):
+        return x_prev - low_pass_filter(x_prev, size) + low_pass_filter(_noised(schedule, ref, t, generator), size)
+    return projected_sampling(eps_fn, schedule, x_T, prompt, step=step, generator=generator, project=project,
+                              desc="upsample (ILVR)", progress=progress)
 
 
 # ---------------------------------------------------------------------- looking inside
