@@ -118,3 +118,63 @@ def by_class(row: GuidedRow, per_class: int, num_classes: int = 10) -> torch.Ten
             raise ValueError(f"the row holds {len(idx)} samples of class {c}; asked for {per_class}")
         picks.append(row.samples[idx])
     return torch.cat(picks)
+
+
+class FidRow(NamedTuple):
+    """One row of an FID table with its noise: the FID and its interval (`fid.fid_interval`), and
+    against the table's baseline row the paired difference (this row minus the baseline) with its
+    interval (`fid.paired_fid_difference`) and its wording ("outside the noise" / "within the noise").
+    The baseline row itself has difference 0.0, interval (0.0, 0.0) and word "baseline"."""
+    label: str
+    fid: float
+    interval: tuple
+    difference: float | None
+    difference_interval: tuple | None
+    word: str | None
+
+
+def fid_table(evaluator, samples: Mapping[str, torch.Tensor], *, baseline: str | None = None, n_boot: int = 500,
+              seed: int = 0, level: float = 0.95) -> list:
+    """FID with a `level` interval for each labelled set of samples, and, when `baseline` names one of
+    them, each row's paired FID difference from it. Rows must be paired for the difference: sample i
+    of every set drawn from the same x_T (what `fid_sweep` and `guided_sweep` do), so a set with a
+    different count than the baseline gets no difference (None).
+
+    evaluator: a FashionEvaluator (or anything with .features(x) and .reference_features()).
+    samples: {label: (N, C, H, W) images}, e.g. {r.label: r.samples for r in guided_rows}.
+    Returns one FidRow per label, in order; `format_fid_table` prints them.
+    """
+    from course_lib.eval import fid as fid_lib
+    if not samples:
+        raise ValueError("samples is empty: pass {label: images}")
+    if baseline is not None and baseline not in samples:
+        raise KeyError(f"baseline {baseline!r} is not one of the rows {list(samples)}")
+    reference = evaluator.reference_features()
+    feats = {label: evaluator.features(x) for label, x in samples.items()}
+    rows = []
+    for label, f in feats.items():
+        est = fid_lib.fid_interval(f, reference, n_boot=n_boot, seed=seed, level=level)
+        diff = diff_iv = word = None
+        if baseline is not None and label == baseline:
+            diff, diff_iv, word = 0.0, (0.0, 0.0), "baseline"
+        elif baseline is not None and f.shape[0] == feats[baseline].shape[0]:
+            d = fid_lib.paired_fid_difference(feats[baseline], f, reference, n_boot=n_boot, seed=seed, level=level)
+            diff, diff_iv, word = d.value, d.interval, fid_lib.noise_word(d.interval)
+        rows.append(FidRow(label, est.value, est.interval, diff, diff_iv, word))
+    return rows
+
+
+def format_fid_table(rows: Sequence[FidRow], *, baseline_name: str | None = None) -> str:
+    """The rows of `fid_table` as aligned text: label, FID [interval], and the difference from the
+    baseline [interval] with its wording."""
+    width = max(len(r.label) for r in rows)
+    lines = []
+    for r in rows:
+        line = f"{r.label:{width}s}  FID {r.fid:7.2f} [{r.interval[0]:6.2f}, {r.interval[1]:6.2f}]"
+        if r.word == "baseline":
+            line += "   (baseline)" if baseline_name is None else f"   (baseline: {baseline_name})"
+        elif r.difference is not None:
+            lo, hi = r.difference_interval
+            line += f"   {r.difference:+7.2f} [{lo:+7.2f}, {hi:+7.2f}]  {r.word}"
+        lines.append(line)
+    return "\n".join(lines)

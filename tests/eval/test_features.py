@@ -100,6 +100,8 @@ def test_fid_against_a_reference(monkeypatch):
     y = _images(50, seed=2)
     assert ev.fid(y) == pytest.approx(fid.fid_from_features(ev.features(y), ev.features(x)), rel=1e-9)
     assert ev.reference() is ev.reference()  # computed once
+    assert torch.equal(ev.reference_features(), ev.features(x))   # the features the intervals halve
+    assert ev.reference_features() is ev.reference_features()
 
 
 def test_evaluator_refuses_nan_and_empty_and_warns_on_out_of_range():

@@ -93,3 +93,51 @@ def test_by_class_groups_samples_and_guided_sweep_errors():
         sweep.guided_sweep(LabelEvaluator(), {}, SCHEDULE, 4)
     with pytest.raises(ValueError, match="at least 2"):
         sweep.guided_sweep(LabelEvaluator(), {"a": eps_fn}, SCHEDULE, 1)
+
+
+class FeatureEvaluator:
+    """features = the first 6 pixels; the reference = 400 Gaussian draws of them."""
+
+    def features(self, x):
+        return x.flatten(1)[:, :6].double()
+
+    def reference_features(self):
+        return torch.randn(400, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def _images(n, scale, seed):
+    return (torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed)) * scale)
+
+
+def test_fid_table_values_intervals_and_paired_differences():
+    ev = FeatureEvaluator()
+    base = _images(200, 1.0, 0)
+    same = base.clone()
+    far = base * 3.0                                  # paired with base, far from the reference
+    rows = sweep.fid_table(ev, {"base": base, "same": same, "far": far, "short": base[:100]},
+                           baseline="base", n_boot=200)
+    by = {r.label: r for r in rows}
+    assert [r.label for r in rows] == ["base", "same", "far", "short"]
+    ref = ev.reference_features()
+    for label, x in [("base", base), ("far", far)]:
+        assert by[label].fid == pytest.approx(fid_lib.fid_from_features(ev.features(x), ref))
+        lo, hi = by[label].interval
+        assert lo <= by[label].fid <= hi
+    assert (by["base"].difference, by["base"].difference_interval, by["base"].word) == (0.0, (0.0, 0.0), "baseline")
+    assert by["same"].difference == 0.0 and by["same"].difference_interval == (0.0, 0.0)
+    assert by["same"].word == "within the noise"
+    assert by["far"].difference > 0 and by["far"].difference_interval[0] > 0
+    assert by["far"].word == "outside the noise"
+    assert by["short"].difference is None and by["short"].word is None      # not paired with the baseline
+    text = sweep.format_fid_table(rows, baseline_name="base")
+    assert "outside the noise" in text and "(baseline: base)" in text and len(text.splitlines()) == 4
+
+
+def test_fid_table_without_baseline_and_bad_input():
+    ev = FeatureEvaluator()
+    rows = sweep.fid_table(ev, {"a": _images(50, 1.0, 1)}, n_boot=50)
+    assert rows[0].difference is None and rows[0].word is None
+    with pytest.raises(ValueError, match="empty"):
+        sweep.fid_table(ev, {})
+    with pytest.raises(KeyError, match="baseline 'zz'"):
+        sweep.fid_table(ev, {"a": _images(50, 1.0, 1)}, baseline="zz")
