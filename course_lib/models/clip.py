@@ -113,7 +113,9 @@ class ShapesTokenizer:
             body = body[:self.context_length - 2]
         return (SOT, *body, self.eot)
 
-    def __call__(self, texts) -> torch.Tensor:
+    def __call__(self, texts, *, allow_empty: bool = False) -> torch.Tensor:
+        """(B, context_length) ids of B captions. allow_empty: "" (or blanks) becomes the empty caption
+        [start, end], GLIDE's null caption for caption dropout and CFG; otherwise it is an error."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -121,7 +123,10 @@ class ShapesTokenizer:
             raise ValueError("no captions given")
         out = torch.full((len(texts), self.context_length), PAD, dtype=torch.long)
         for i, text in enumerate(texts):
-            ids = self.ids(text)
+            if allow_empty and isinstance(text, str) and not text.strip():
+                ids = (SOT, self.eot)
+            else:
+                ids = self.ids(text)
             out[i, :len(ids)] = torch.tensor(ids)
         return out
 

@@ -153,14 +153,7 @@ class Glide(nn.Module):
 
     def tokens(self, captions) -> torch.Tensor:
         """(B, L) compact ids; "" is the empty caption [start, end]."""
-        from course_lib.models.clip import PAD, SOT
-        out = torch.full((len(captions), self.config.context_length), PAD, dtype=torch.long)
-        for i, text in enumerate(captions):
-            if not isinstance(text, str):
-                raise TypeError(f"a caption must be a string, got {type(text).__name__}")
-            ids = (SOT, self.tokenizer.eot) if not text.strip() else self.tokenizer.ids(text)
-            out[i, :len(ids)] = torch.tensor(ids)
-        return out
+        return self.tokenizer(captions, allow_empty=True)
 
     def encode_text(self, captions, device=None):
         """(context (B, L, context_dim), mask (B, L), pooled (B, text_width)) of B captions."""

@@ -44,6 +44,14 @@ def test_tokenizer_errors(model, text, message):
         model.tokens(text)
 
 
+def test_tokenizer_allow_empty_gives_the_null_caption(model):
+    tok = model.tokenizer(["", "  ", "a red circle"], allow_empty=True)
+    assert tok[0].tolist() == tok[1].tolist() == [mclip.SOT, 63] + [0] * 18
+    assert tok[2].tolist() == model.tokens(["a red circle"])[0].tolist()
+    with pytest.raises(TypeError, match="must be a string"):
+        model.tokenizer([3], allow_empty=True)
+
+
 def test_overlong_caption_is_cut_with_a_warning(model):
     text = " ".join(["a red circle above a blue square"] * 4)
     with pytest.warns(UserWarning, match="cut to 18"):
