@@ -279,8 +279,6 @@ def _save_grid(images, labels, title: str, out: Path) -> None:
     import matplotlib.pyplot as plt
     from course_lib.viz import plots
     ncol = min(len(labels), 8)
-    if images.shape[1] == 1:
-        images = images.repeat(1, 3, 1, 1)   # captioned_grid draws one channel with a colormap; grey stays grey as RGB
     fig = plots.captioned_grid(images, labels, ncol=ncol, width=1.5, wrap=18, suptitle=title)
     fig.savefig(out, dpi=100)
     plt.close(fig)
