@@ -6,6 +6,8 @@ when it is wrong, names the slip it reproduces.
 
     check_guided_eps(fn)          fn(schedule, x_t, t, eps, grad, scale) -> eps_hat        D&N eq. (14), Algorithm 2
     check_guided_mean(fn)         fn(mean, variance, grad, scale) -> mu + s Sigma g         D&N Algorithm 1
+    check_classifier_grad(fn)     fn(classifier, x_t, t, y) -> grad_x log p(y | x_t, t)     D&N sec. 4
+    check_ada_gn(fn)              fn(h, emb, norm, proj) -> GroupNorm(h)(1 + a_s) + a_b     ADM sec. 3 (AdaGN)
     check_cfg(fn)                 fn(eps_cond, eps_uncond, w) -> (1 + w) eps_c - w eps_u    H&S eq. (6)
     check_inception_score(fn)     fn(probs) -> exp E_x[KL(p(y|x) || p(y))], one number     Salimans et al. 2016
     check_label_dropout(fn)       fn(y, u, p_uncond, null_class) -> labels for training     H&S Algorithm 1
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from course_lib.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas
-from course_lib.exercises import Verdict, check_function
+from course_lib.exercises import Verdict, check, check_function
 from course_lib.guidance import cfg, classifier
 
 
@@ -150,6 +152,183 @@ def check_guided_mean(fn) -> Verdict:
     if not verdict.ok and "NaN" in verdict.message:
         return Verdict(False, verdict.message + " -- the variance Sigma is positive; nothing here needs a log "
                                                 "or a division")
+    return verdict
+
+
+# ---- Exercise 3 (lesson 04): the classifier's gradient, D&N sec. 4 ----------------------------
+
+class _TinyNoisyClassifier(torch.nn.Module):
+    """A small fixed classifier p(y | x_t, t) for the checker: logits = W2 tanh(W1 x + b(t)), float64,
+    nonlinear so that each slip's gradient differs, and dependent on t like the real one."""
+
+    def __init__(self, pixels: int, num_classes: int = 5, hidden: int = 16, seed: int = 21):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = torch.nn.Parameter(0.6 * torch.randn(hidden, pixels, generator=g, dtype=torch.float64))
+        self.t_freq = torch.nn.Parameter(torch.randn(hidden, generator=g, dtype=torch.float64))
+        self.w2 = torch.nn.Parameter(torch.randn(num_classes, hidden, generator=g, dtype=torch.float64))
+
+    def forward(self, x_t, t):
+        bias = torch.sin(t.to(self.w1.dtype)[:, None] / 100.0 * self.t_freq)                 # (B, hidden)
+        h = torch.tanh(x_t.flatten(1).to(self.w1.dtype) @ self.w1.T + bias)
+        return (h @ self.w2.T).to(x_t.dtype)                                                  # (B, K)
+
+
+def classifier_grad_reference(clf, x_t, t, y):
+    """g = grad_{x_t} log p_phi(y | x_t, t), the log-softmax of the logits at y: the library's
+    guidance.classifier.classifier_grad."""
+    return classifier.classifier_grad(clf, x_t, t, y)
+
+
+def _autograd(f, x_t):
+    """d f(x).sum() / dx at x_t, computed safely for the catalogue of slips."""
+    with torch.enable_grad():
+        x = x_t.detach().clone().requires_grad_(True)
+        return torch.autograd.grad(f(x).sum(), x)[0]
+
+
+def _classifier_grad_mistakes():
+    def rows(out, y):
+        return out[torch.arange(len(y)), y]
+
+    return {
+        "you differentiated the logit of class y, not its log-probability; log p(y | x_t) is the "
+        "log-softmax of the logits at y (F.log_softmax(logits, dim=-1)), which also pushes the other "
+        "classes down": lambda c, x, t, y: _autograd(lambda z: rows(c(z, t), y), x),
+        "you differentiated the probability p(y | x_t) (softmax), not its log; guidance uses "
+        "grad log p(y | x_t), so take log_softmax": lambda c, x, t, y: _autograd(lambda z: rows(c(z, t).softmax(-1), y), x),
+        "the sign is flipped: that is the gradient of the cross-entropy loss, -log p(y | x_t), which points "
+        "away from class y; guidance ascends log p(y | x_t)":
+            lambda c, x, t, y: -_autograd(lambda z: rows(c(z, t).log_softmax(-1), y), x),
+        "the sign is flipped and the gradient divided by the batch size: F.cross_entropy averages "
+        "-log p(y | x_t) over the batch; differentiate the sum of log p(y_i | x_i)":
+            lambda c, x, t, y: -_autograd(lambda z: rows(c(z, t).log_softmax(-1), y), x) / len(y),
+        "the gradient is divided by the batch size: you averaged (.mean()) the log-probabilities before "
+        "differentiating; sum them (each x_i's gradient is then its own)":
+            lambda c, x, t, y: _autograd(lambda z: rows(c(z, t).log_softmax(-1), y), x) / len(y),
+        "you did not pick class y: that is the gradient of the sum of log p(k | x_t) over every class k; "
+        "select log_probs[torch.arange(B), y]": lambda c, x, t, y: _autograd(lambda z: c(z, t).log_softmax(-1), x),
+        "you indexed log_probs[:, y], a (B, B) matrix: every image gets the gradient of all the batch's "
+        "labels; select one entry per row, log_probs[torch.arange(B), y]":
+            lambda c, x, t, y: _autograd(lambda z: c(z, t).log_softmax(-1)[:, y], x),
+        "the softmax runs over the batch (dim=0), not over the classes; use log_softmax(logits, dim=-1)":
+            lambda c, x, t, y: _autograd(lambda z: rows(c(z, t).log_softmax(0), y), x),
+    }
+
+
+def _classifier_grad_inputs():
+    """x_t (B, C, H, W) float64 and float32; labels with repeats and in a different order than the batch."""
+    (x,) = _images(22, 4, n=1, shape=(1, 3, 4))
+    clf = _TinyNoisyClassifier(pixels=12).eval()
+    (x6,) = _images(23, 6, n=1, shape=(1, 3, 4))
+    return [(clf, x, torch.tensor([900, 400, 20, 650]), torch.tensor([3, 0, 4, 1])),
+            (clf, x6, torch.tensor([10, 999, 500, 500, 0, 250]), torch.tensor([2, 2, 0, 4, 1, 3])),
+            (clf, x.float(), torch.tensor([100, 200, 300, 400]), torch.tensor([1, 1, 1, 1]))]
+
+
+NO_GRAD_HINT = (" -- the samplers call the guided model under torch.no_grad(), where autograd records "
+                "nothing; wrap the body in `with torch.enable_grad():` and differentiate a fresh "
+                "x = x_t.detach().clone().requires_grad_(True)")
+
+
+def check_classifier_grad(fn) -> Verdict:
+    """Exercise 3 (lesson 04): fn(classifier, x_t, t, y) -> grad_{x_t} log p_phi(y | x_t, t), shaped like
+    x_t; classifier(x_t, t) returns logits (B, K); y (B,) labels. It must also work under
+    torch.no_grad(), as the samplers call it."""
+    inputs = _classifier_grad_inputs()
+    verdict = check_function(fn, classifier_grad_reference, inputs, mistakes=_classifier_grad_mistakes())
+    if not verdict.ok:
+        return verdict
+    clf, x, t, y = inputs[0]
+    clf.zero_grad(set_to_none=True)
+    try:
+        with torch.no_grad():
+            result = fn(clf, x, t, y)
+    except RuntimeError as e:
+        return Verdict(False, f"under torch.no_grad() your function raised RuntimeError: {e}{NO_GRAD_HINT}")
+    inside = check(result, classifier_grad_reference(clf, x, t, y), what="your function under torch.no_grad()")
+    if not inside.ok:
+        return Verdict(False, f"under torch.no_grad(): {inside.message}{NO_GRAD_HINT}")
+    if any(p.grad is not None for p in clf.parameters()):
+        return Verdict(True, verdict.message + " (A note: it filled the classifier's .grad, as .backward() "
+                             "does; torch.autograd.grad(log_p.sum(), x) gives the gradient for x alone, and "
+                             "nothing accumulates over the sampling steps.)")
+    return verdict
+
+
+# ---- Exercise 4 (lesson 04): AdaGN, ADM sec. 3 ------------------------------------------------
+
+def ada_gn_reference(h, emb, norm, proj):
+    """AdaGN(h, e) = GroupNorm(h) (1 + a_s) + a_b with (a_s, a_b) = proj(SiLU(e)) split in two along the
+    channels, scale first: the order and form of nn.unet.ResBlock (`block.norm2`, `block.emb`).
+    h (B, C, H, W), emb (B, E); norm an nn.GroupNorm(groups, C), proj an nn.Linear(E, 2C)."""
+    a_s, a_b = proj(torch.nn.functional.silu(emb))[:, :, None, None].chunk(2, dim=1)
+    return norm(h) * (1 + a_s) + a_b
+
+
+def _ada_gn_mistakes():
+    silu = torch.nn.functional.silu
+
+    def parts(emb, proj, act=True):
+        return proj(silu(emb) if act else emb)[:, :, None, None].chunk(2, dim=1)
+
+    def with_parts(combine, act=True, swap=False):
+        def fn(h, emb, norm, proj):
+            a_s, a_b = parts(emb, proj, act)
+            if swap:
+                a_s, a_b = a_b, a_s
+            return combine(h, norm, a_s, a_b)
+        return fn
+
+    return {
+        "the 1 + is missing: GroupNorm(h) a_s + a_b; ADM writes the scale as 1 + a_s so that a zero "
+        "projection leaves the normalised features unchanged": with_parts(lambda h, n, s, b: n(h) * s + b),
+        "scale and shift are swapped: the first half of proj(SiLU(e)) is the scale a_s, the second the "
+        "shift a_b (chunk(2, dim=1) in that order)": with_parts(lambda h, n, s, b: n(h) * (1 + s) + b, swap=True),
+        "the SiLU before the projection is missing: (a_s, a_b) = proj(SiLU(e)), not proj(e)":
+            with_parts(lambda h, n, s, b: n(h) * (1 + s) + b, act=False),
+        "the SiLU is after the projection: (a_s, a_b) = proj(SiLU(e)), the activation acts on e":
+            lambda h, e, n, p: n(h) * (1 + silu(p(e)[:, :, None, None]).chunk(2, 1)[0]) + silu(p(e)[:, :, None, None]).chunk(2, 1)[1],
+        "the GroupNorm is missing: the scale and shift act on the normalised features, GroupNorm(h)":
+            with_parts(lambda h, n, s, b: h * (1 + s) + b),
+        "the scale and shift are applied before the GroupNorm, which then undoes most of them; normalise "
+        "first, then scale and shift": with_parts(lambda h, n, s, b: n(h * (1 + s) + b)),
+        "the shift is scaled too: (GroupNorm(h) + a_b)(1 + a_s); the shift is added after the scale":
+            with_parts(lambda h, n, s, b: (n(h) + b) * (1 + s)),
+        "you normalised without the GroupNorm's own weight and bias (F.group_norm without them); call the "
+        "module, norm(h), which applies its affine parameters":
+            with_parts(lambda h, n, s, b: torch.nn.functional.group_norm(h, n.num_groups, eps=n.eps) * (1 + s) + b),
+    }
+
+
+def _ada_gn_inputs():
+    """Batches whose B, H, W all differ from C, so a scale of shape (B, C) cannot broadcast by accident;
+    GroupNorms with random affine parameters; float64 and float32."""
+    g = torch.Generator().manual_seed(24)
+    out = []
+    for batch, channels, groups, emb_dim, size, dtype in [(3, 8, 4, 6, (5, 7), torch.float64),
+                                                          (2, 6, 2, 4, (3, 4), torch.float64),
+                                                          (5, 4, 1, 9, (2, 3), torch.float32)]:
+        norm = torch.nn.GroupNorm(groups, channels).to(dtype)
+        proj = torch.nn.Linear(emb_dim, 2 * channels).to(dtype)
+        with torch.no_grad():
+            for p in (norm.weight, norm.bias, proj.weight, proj.bias):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype))
+        h = 2.0 * torch.randn(batch, channels, *size, generator=g, dtype=torch.float64).to(dtype) + 0.5
+        emb = torch.randn(batch, emb_dim, generator=g, dtype=torch.float64).to(dtype)
+        out.append((h, emb, norm, proj))
+    return out
+
+
+def check_ada_gn(fn) -> Verdict:
+    """Exercise 4 (lesson 04): fn(h, emb, norm, proj) -> GroupNorm(h) (1 + a_s) + a_b,
+    (a_s, a_b) = proj(SiLU(emb)).chunk(2, dim=1), each reshaped to (B, C, 1, 1) (nn.unet.ResBlock)."""
+    with torch.no_grad():
+        verdict = check_function(fn, ada_gn_reference, _ada_gn_inputs(), mistakes=_ada_gn_mistakes())
+    if not verdict.ok and ("must match the size of tensor" in verdict.message or "broadcast" in verdict.message):
+        return Verdict(False, verdict.message + " -- a_s and a_b have shape (B, C), one value per channel; "
+                                                "reshape them to (B, C, 1, 1), e.g. a_s[:, :, None, None], "
+                                                "so that they broadcast over the image")
     return verdict
 
 

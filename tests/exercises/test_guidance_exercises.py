@@ -339,3 +339,144 @@ def test_every_catalogued_slip_is_told_apart_from_the_others(check, catalogue):
     for description, slip in catalogue().items():
         verdict = check(slip)
         assert not verdict.ok and description in verdict.message, (description, verdict.message)
+
+
+# ---- Exercise 3 (lesson 04): the classifier's gradient ----------------------------------------
+
+def grad_right(classifier, x_t, t, y):
+    with torch.enable_grad():
+        x = x_t.detach().clone().requires_grad_(True)
+        log_p = torch.log_softmax(classifier(x, t), dim=-1)[torch.arange(len(y)), y]
+        return torch.autograd.grad(log_p.sum(), x)[0]
+
+
+def grad_with_backward(classifier, x_t, t, y):
+    """Right, through .backward() and gather (fills the classifier's .grad: a note, not a failure)."""
+    with torch.enable_grad():
+        x = x_t.detach().clone().requires_grad_(True)
+        torch.nn.functional.log_softmax(classifier(x, t), 1).gather(1, y[:, None]).sum().backward()
+        return x.grad
+
+
+def grad_no_enable(classifier, x_t, t, y):
+    """Right with autograd on, but it forgets torch.enable_grad(): fails under the samplers' no_grad."""
+    x = x_t.detach().clone().requires_grad_(True)
+    log_p = torch.log_softmax(classifier(x, t), dim=-1)[torch.arange(len(y)), y]
+    return torch.autograd.grad(log_p.sum(), x)[0]
+
+
+def grad_of(select, sign=1.0, divide=False):
+    def fn(classifier, x_t, t, y):
+        with torch.enable_grad():
+            x = x_t.detach().clone().requires_grad_(True)
+            out = select(classifier(x, t), y)
+            g = torch.autograd.grad(out.sum() if not divide else out.mean(), x)[0]
+        return sign * g
+    return fn
+
+
+def _rows(m, y):
+    return m[torch.arange(len(y)), y]
+
+
+@pytest.mark.parametrize("fn", [grad_right, grad_with_backward, ex.classifier_grad_reference])
+def test_classifier_grad_accepts_right_answers(fn):
+    verdict = ex.check_classifier_grad(fn)
+    assert verdict.ok, verdict.message
+
+
+def test_classifier_grad_notes_backward():
+    assert "autograd.grad" in ex.check_classifier_grad(grad_with_backward).message
+    assert "note" not in ex.check_classifier_grad(grad_right).message
+
+
+@pytest.mark.parametrize("fn, named", [
+    (grad_of(lambda l, y: _rows(l, y)), "logit of class y"),
+    (grad_of(lambda l, y: _rows(l.softmax(-1), y)), "probability"),
+    (grad_of(lambda l, y: _rows(l.log_softmax(-1), y), sign=-1.0), "cross-entropy loss"),
+    (lambda c, x, t, y: grad_of(lambda l, y: torch.nn.functional.cross_entropy(l, y))(c, x, t, y),
+     "F.cross_entropy averages"),
+    (grad_of(lambda l, y: _rows(l.log_softmax(-1), y), divide=True), "averaged (.mean())"),
+    (grad_of(lambda l, y: l.log_softmax(-1)), "did not pick class y"),
+    (grad_of(lambda l, y: l.log_softmax(-1)[:, y]), "log_probs[:, y]"),
+    (grad_of(lambda l, y: _rows(torch.log_softmax(l, 0), y)), "over the batch (dim=0)"),
+    (grad_no_enable, "torch.enable_grad()"),
+    (lambda c, x, t, y: grad_right(c, x, t, y)[:, 0], "shape"),
+    (lambda c, x, t, y: None, "return"),
+    (broken, "raised KeyError"),
+])
+def test_classifier_grad_names_each_mistake(fn, named):
+    verdict = ex.check_classifier_grad(fn)
+    assert not verdict.ok and named in verdict.message, verdict.message
+
+
+def test_classifier_grad_reference_is_the_library_and_depends_on_t():
+    clf, x, t, y = ex._classifier_grad_inputs()[0]
+    assert_close(ex.classifier_grad_reference(clf, x, t, y), classifier.classifier_grad(clf, x, t, y))
+    assert not torch.allclose(classifier.classifier_grad(clf, x, t, y), classifier.classifier_grad(clf, x, t + 1, y))
+
+
+# ---- Exercise 4 (lesson 04): AdaGN --------------------------------------------------------------
+
+def ada_gn_right(h, emb, norm, proj):
+    a_s, a_b = proj(torch.nn.functional.silu(emb)).chunk(2, dim=1)
+    return norm(h) * (1 + a_s[:, :, None, None]) + a_b[:, :, None, None]
+
+
+def ada_gn_by_hand(h, emb, norm, proj):
+    """The group norm written out, with the module's affine parameters."""
+    b, c = h.shape[:2]
+    g = h.reshape(b, norm.num_groups, -1)
+    normed = ((g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()).reshape(h.shape)
+    normed = normed * norm.weight[:, None, None] + norm.bias[:, None, None]
+    out = proj(emb * torch.sigmoid(emb))
+    return normed * (1 + out[:, :c, None, None]) + out[:, c:, None, None]
+
+
+def ada_gn_parts(combine, act=True, swap=False):
+    def fn(h, emb, norm, proj):
+        a_s, a_b = proj(torch.nn.functional.silu(emb) if act else emb).chunk(2, dim=1)
+        a_s, a_b = a_s[:, :, None, None], a_b[:, :, None, None]
+        if swap:
+            a_s, a_b = a_b, a_s
+        return combine(h, norm, a_s, a_b)
+    return fn
+
+
+@pytest.mark.parametrize("fn", [ada_gn_right, ada_gn_by_hand, ex.ada_gn_reference])
+def test_ada_gn_accepts_right_answers(fn):
+    verdict = ex.check_ada_gn(fn)
+    assert verdict.ok, verdict.message
+
+
+@pytest.mark.parametrize("fn, named", [
+    (ada_gn_parts(lambda h, n, s, b: n(h) * s + b), "the 1 + is missing"),
+    (ada_gn_parts(lambda h, n, s, b: n(h) * (1 + s) + b, swap=True), "swapped"),
+    (ada_gn_parts(lambda h, n, s, b: n(h) * (1 + s) + b, act=False), "SiLU before the projection is missing"),
+    (lambda h, e, n, p: n(h) * (1 + torch.nn.functional.silu(p(e)).chunk(2, 1)[0][:, :, None, None])
+     + torch.nn.functional.silu(p(e)).chunk(2, 1)[1][:, :, None, None], "after the projection"),
+    (ada_gn_parts(lambda h, n, s, b: h * (1 + s) + b), "GroupNorm is missing"),
+    (ada_gn_parts(lambda h, n, s, b: n(h * (1 + s) + b)), "before the GroupNorm"),
+    (ada_gn_parts(lambda h, n, s, b: (n(h) + b) * (1 + s)), "shift is scaled too"),
+    (ada_gn_parts(lambda h, n, s, b: torch.nn.functional.group_norm(h, n.num_groups) * (1 + s) + b),
+     "own weight and bias"),
+    (lambda h, e, n, p: n(h) * (1 + p(torch.nn.functional.silu(e)).chunk(2, 1)[0])
+     + p(torch.nn.functional.silu(e)).chunk(2, 1)[1], "(B, C, 1, 1)"),
+    (lambda h, e, n, p: None, "return"),
+    (broken, "raised KeyError"),
+])
+def test_ada_gn_names_each_mistake(fn, named):
+    verdict = ex.check_ada_gn(fn)
+    assert not verdict.ok and named in verdict.message, verdict.message
+
+
+def test_ada_gn_reference_matches_the_unets_resblock():
+    from course_lib.nn.unet import ResBlock
+    torch.manual_seed(0)
+    block = ResBlock(8, 8, 12, dropout=0.0, groups=4, rescale=True).eval()
+    torch.nn.init.normal_(block.conv2.weight)                     # zero-initialised in the UNet
+    x, e = torch.randn(2, 8, 5, 5), torch.randn(2, 12)
+    h = ex.ada_gn_reference(block.conv1(torch.nn.functional.silu(block.norm1(x))), e, block.norm2, block.emb)
+    expected = (block.skip(x) + block.conv2(torch.nn.functional.silu(h))) * block.scale
+    with torch.no_grad():
+        assert_close(block(x, e), expected)
