@@ -24,6 +24,12 @@ the step's variance; CFG moves the mean).
 
 cfg_eps needs no schedule, so it composes with respacing either way round:
 cfg_eps(respaced_model(eps_fn, r.timesteps), ...) or respaced_model(cfg_eps(eps_fn, ...), r.timesteps).
+
+`cfg_two_models(cond_eps_fn, uncond_eps_fn, scale)` is the same line through the predictions of two
+networks: eps(x_t, y) from a conditional model and eps(x_t) from a separate unconditional one (two
+passes of B per step instead of one of 2B). With uncond_eps_fn = the first network at the null class
+it is cfg_eps exactly; lesson 05 uses it to take eps(x_t) from fashion_ddpm, whose unconditional
+predictions are better than fashion_cond's null class.
 Used by lessons 05 and 07.
 """
 from __future__ import annotations
@@ -95,6 +101,41 @@ def cfg_eps(eps_fn, scale: float, null_class):
         if out.shape[0] != 2 * B:
             raise ValueError(f"the model returned a batch of {out.shape[0]} for an input batch of {2 * B}")
         out_cond, out_uncond = out.chunk(2)                               # conditional half first
+        eps_c, v_c = formulas.split_model_output(out_cond, C)
+        eps_u, _ = formulas.split_model_output(out_uncond, C)
+        return join_output(cfg_combine(eps_c, eps_u, scale), v_c)
+    return guided
+
+
+def cfg_two_models(cond_eps_fn, uncond_eps_fn, scale: float):
+    """Classifier-free guidance with the unconditional prediction taken from a second network:
+    eps_tilde = eps_u + s (eps_c - eps_u), eps_c = cond_eps_fn(x_t, t, cond), eps_u = uncond_eps_fn(x_t, t, None).
+
+    cond_eps_fn: the conditional model, called once per step on the batch of B with the condition the
+    sampler passes (cond = class labels (B,), or captions). uncond_eps_fn: an unconditional model,
+    called once per step on the same x_t and t with cond=None. Both must predict the noise on the
+    same schedule (same t). A learned-variance output (eps, v) takes v from the conditional model, as
+    cfg_eps does; the unconditional model may have learned variance or not (its v is ignored).
+    scale s >= 0 (s = 1 + w; 1: the conditional model, 0: the unconditional one).
+    cfg_eps(eps_fn, s, null) equals cfg_two_models(eps_fn, lambda x, t, c=None: eps_fn(x, t, null labels), s).
+    """
+    scale = check_scale(scale)
+    if not callable(cond_eps_fn) or not callable(uncond_eps_fn):
+        raise TypeError("cond_eps_fn and uncond_eps_fn must be noise predictors eps_fn(x_t, t, cond)")
+
+    def guided(x_t, t, cond=None):
+        check_image(x_t)
+        B, C = x_t.shape[:2]
+        check_steps(t, B, "classifier-free guidance with two models")
+        if cond is None:
+            raise ValueError("classifier-free guidance with two models needs a condition: pass cond=y "
+                             "(class labels) to the guided noise predictor (loop.sample(..., cond=y))")
+        if isinstance(cond, torch.Tensor):
+            check_labels(cond, B, "classifier-free guidance with two models", x_t.device)
+        out_cond, out_uncond = cond_eps_fn(x_t, t, cond), uncond_eps_fn(x_t, t, None)
+        for name, out in (("cond_eps_fn", out_cond), ("uncond_eps_fn", out_uncond)):
+            if out.shape[0] != B or out.shape[2:] != x_t.shape[2:]:
+                raise ValueError(f"{name} returned shape {tuple(out.shape)} for x_t of shape {tuple(x_t.shape)}")
         eps_c, v_c = formulas.split_model_output(out_cond, C)
         eps_u, _ = formulas.split_model_output(out_uncond, C)
         return join_output(cfg_combine(eps_c, eps_u, scale), v_c)

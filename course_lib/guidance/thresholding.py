@@ -20,6 +20,10 @@ DPM-Solver) benefits without a change. Wrap the guided predictor to threshold af
 threshold_eps(cfg_eps(eps_fn, 7.0, null), schedule). Like the guidance wrappers, it takes the
 schedule the sampler uses and t as indices into it (the original schedule around an
 original-index model gives the same numbers: respacing keeps alpha_bar).
+`only_below=t0` thresholds only the steps t < t0 and passes the others through unchanged (the
+sampler's own clip_x0, if on, still acts there): threshold_eps(..., only_below=999) skips the
+first step of a T = 1000 chain, where x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) divides
+by sqrt(alpha_bar_999) and any method faces a wild x0 (lesson 05).
 Used by lessons 04, 05 and 07.
 """
 from __future__ import annotations
@@ -73,12 +77,21 @@ def threshold(x0: torch.Tensor, method: str = "dynamic", percentile: float = 0.9
     raise ValueError(f"unknown thresholding method {method!r}; choose one of {METHODS}")
 
 
-def threshold_eps(eps_fn, schedule: NoiseSchedule, method: str = "dynamic", percentile: float = 0.995):
+def threshold_eps(eps_fn, schedule: NoiseSchedule, method: str = "dynamic", percentile: float = 0.995, *,
+                  only_below: int | None = None):
     """A noise predictor whose implied x0 is thresholded: eps -> x0 -> threshold -> eps.
-    A learned-variance output keeps its v. t: indices into `schedule`, the sampler's schedule."""
+    A learned-variance output keeps its v. t: indices into `schedule`, the sampler's schedule.
+    only_below: None (every step) or an int t0 in 1..T: threshold only the samples whose t < t0 and
+    return the others' eps unchanged (only_below=schedule.T - 1 skips the first step, t = T - 1)."""
     if method not in METHODS:
         raise ValueError(f"unknown thresholding method {method!r}; choose one of {METHODS}")
     percentile = _check_percentile(percentile)
+    if only_below is not None:
+        if isinstance(only_below, bool) or not isinstance(only_below, numbers.Integral):
+            raise TypeError(f"only_below must be None or an int step index, got {type(only_below).__name__}")
+        if not 1 <= only_below <= schedule.T:
+            raise ValueError(f"only_below must lie in 1..{schedule.T} (steps t < only_below are thresholded), "
+                             f"got {only_below}")
 
     def thresholded(x_t, t, cond=None):
         check_image(x_t)
@@ -86,5 +99,9 @@ def threshold_eps(eps_fn, schedule: NoiseSchedule, method: str = "dynamic", perc
         eps, v = formulas.split_model_output(eps_fn(x_t, t, cond), x_t.shape[1])
         x0 = formulas.x0_from_eps(schedule, x_t, t, eps)                  # 1. the predicted x0
         x0 = threshold(x0, method, percentile)                            # 2. back into [-1, 1]
-        return join_output(formulas.eps_from_x0(schedule, x_t, t, x0), v)  # 3. the eps it implies
+        new_eps = formulas.eps_from_x0(schedule, x_t, t, x0)              # 3. the eps it implies
+        if only_below is not None:                                        # steps t >= only_below pass through
+            keep = (t >= only_below).reshape(-1, *([1] * (eps.dim() - 1))).to(eps.device)
+            new_eps = torch.where(keep, eps, new_eps)
+        return join_output(new_eps, v)
     return thresholded

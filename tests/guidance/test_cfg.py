@@ -136,3 +136,53 @@ def test_bad_input_fails_clearly():
         guided(x_t, t, y.double())
     with pytest.raises(ValueError, match=">= 0"):
         guided(x_t, t, torch.tensor([0, -1, 1, 2]))
+
+
+# ---------------------------------------------------------------------------- two networks
+
+def test_two_models_with_the_null_class_is_cfg_eps():
+    """cfg_two_models(model, model at the null class, s) == cfg_eps(model, s, null), eps and v."""
+    from course_lib.guidance.cfg import cfg_two_models
+    for learned in (False, True):
+        model = ToyConditional(learned=learned)
+        x_t, y, t = _batch()
+        uncond = lambda x, t, cond=None: model(x, t, torch.full((x.shape[0],), K))
+        for s in (0.0, 1.0, 2.5, 8.0):
+            torch.testing.assert_close(cfg_two_models(model, uncond, s)(x_t, t, y), cfg_eps(model, s, K)(x_t, t, y),
+                                       rtol=1e-12, atol=1e-12)
+
+
+def test_two_models_calls_each_network_once_on_b_and_takes_v_from_the_conditional_one():
+    from course_lib.guidance.cfg import cfg_two_models
+    cond_model, seen = ToyConditional(learned=True), []
+
+    def other(x, t, cond=None):                                         # a different unconditional network
+        seen.append((x.shape[0], cond))
+        return torch.cat([-x, torch.full_like(x, 9.0)], 1)              # learned variance too: its v is ignored
+    x_t, y, t = _batch()
+    out = cfg_two_models(cond_model, other, 3.0)(x_t, t, y)
+    c = cond_model(x_t, t, y)
+    torch.testing.assert_close(out[:, :1], -x_t + 3.0 * (c[:, :1] + x_t))
+    assert torch.equal(out[:, 1:], c[:, 1:])
+    assert seen == [(4, None)] and cond_model.calls[0][0] == 4
+    sched = schedules.schedule("linear", 5)                             # and it samples
+    x = sample(cfg_two_models(ToyConditional(), lambda x, t, c=None: 0.5 * x, 2.0), sched, (3, *SHAPE),
+               step=ddim_step, cond=torch.tensor([0, 1, 2]), progress=False, x_T=torch.randn(3, *SHAPE, dtype=torch.float64))
+    assert torch.isfinite(x).all()
+
+
+def test_two_models_bad_input_fails_clearly():
+    from course_lib.guidance.cfg import cfg_two_models
+    model = ToyConditional()
+    x_t, y, t = _batch()
+    with pytest.raises(ValueError, match=">= 0"):
+        cfg_two_models(model, model, -1.0)
+    with pytest.raises(TypeError, match="noise predictors"):
+        cfg_two_models(model, None, 2.0)
+    guided = cfg_two_models(model, lambda x, t, c=None: x, 2.0)
+    with pytest.raises(ValueError, match="needs a condition"):
+        guided(x_t, t)
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        guided(x_t, t, y[:3])
+    with pytest.raises(ValueError, match="returned shape"):
+        cfg_two_models(model, lambda x, t, c=None: x[:2], 2.0)(x_t, t, y)

@@ -140,3 +140,31 @@ def test_bad_input_fails_clearly():
         threshold_eps(LoudModel(), sched, "dynamic", percentile=0.0)
     with pytest.raises(ValueError, match="lie in"):
         threshold_eps(lambda x, t, c=None: x, sched, "clip")(x0, torch.full((2,), 10))
+
+
+@pytest.mark.parametrize("method", ["clip", "dynamic"])
+def test_only_below_skips_the_steps_at_and_above_it(method):
+    sched = schedules.schedule("linear", 50)
+    x_t = torch.randn(4, *SHAPE, dtype=torch.float64)
+    t = torch.tensor([49, 48, 10, 49])
+
+    def wild(x, t, cond=None):                                  # implies x0 far outside [-1, 1]
+        return torch.cat([-3 * x, torch.full_like(x, 0.7)], 1)
+    everywhere = threshold_eps(wild, sched, method)(x_t, t)
+    out = threshold_eps(wild, sched, method, only_below=49)(x_t, t)
+    raw = wild(x_t, t)
+    skipped = t >= 49
+    assert torch.equal(out[skipped], raw[skipped])              # t = 49: untouched, v included
+    torch.testing.assert_close(out[~skipped], everywhere[~skipped], rtol=0, atol=0)
+    assert not torch.allclose(everywhere[skipped], raw[skipped])  # (thresholding would have changed them)
+    torch.testing.assert_close(threshold_eps(wild, sched, method, only_below=50)(x_t, t), everywhere, rtol=0, atol=0)
+
+
+def test_only_below_bad_input_fails_clearly():
+    sched = schedules.schedule("linear", 10)
+    with pytest.raises(ValueError, match=r"1\.\.10"):
+        threshold_eps(LoudModel(), sched, "clip", only_below=0)
+    with pytest.raises(ValueError, match=r"1\.\.10"):
+        threshold_eps(LoudModel(), sched, "clip", only_below=11)
+    with pytest.raises(TypeError, match="only_below"):
+        threshold_eps(LoudModel(), sched, "clip", only_below=9.5)
