@@ -37,6 +37,8 @@ class SamplerConfig:
     clip_x0: bool = True              # clamp the predicted x0 to [-1, 1] at every step (ADM's clip_denoised)
     rho: float = 7.0                  # karras only: Karras's rho
     sigma_max: float | None = 80.0    # karras only: the largest sigma (None: the schedule's own, sigma_{T-1})
+    first_eta: float | None = None    # ddim only: eta of the first step (from the largest t) alone, `eta` after it;
+                                      # None: `eta` throughout (lesson 03: does fresh noise at t = T-1 alone matter?)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -51,6 +53,10 @@ class SamplerConfig:
         check_real("rho", self.rho, low=0.0, low_open=True)
         if self.sigma_max is not None:
             check_real("sigma_max", self.sigma_max, low=0.0, low_open=True)
+        if self.first_eta is not None:
+            if self.method != "ddim":
+                raise ValueError(f"first_eta={self.first_eta}: first_eta is DDIM's knob; {self.method} takes None only")
+            ddim.check_eta(self.first_eta)
         if not isinstance(self.clip_x0, bool):
             raise TypeError(f"clip_x0 must be True or False, got {self.clip_x0!r}")
         if self.method == "ddpm" and self.variance not in VARIANCES:
@@ -63,7 +69,8 @@ class SamplerConfig:
         knob = {"ddim": f" eta={self.eta:g}", "ddpm": f" {self.variance} var.", "dpm_solver_pp_2m": ""}[self.method]
         where = f", {self.spacing}" if self.spacing != "linspace" else ""
         clip = "" if self.clip_x0 else ", no clip"
-        return f"{_NAMES[self.method]}{knob}, {self.steps} steps{where}{clip}"
+        first = "" if self.first_eta is None else f", eta={self.first_eta:g} at the first step"
+        return f"{_NAMES[self.method]}{knob}, {self.steps} steps{where}{clip}{first}"
 
     def timesteps(self, schedule: NoiseSchedule) -> torch.Tensor:
         """The increasing indices into `schedule` this sampler visits."""
@@ -79,9 +86,28 @@ def run(config: SamplerConfig, eps_fn, schedule: NoiseSchedule, x_T: torch.Tenso
     ts = config.timesteps(schedule)
     kw = dict(cond=cond, x_T=x_T, generator=generator, progress=progress, clip_x0=config.clip_x0)
     if config.method == "ddim":
-        return loop.sample(eps_fn, schedule, x_T.shape, step=ddim.ddim_step, timesteps=ts, eta=config.eta, **kw)
+        step = ddim.ddim_step if config.first_eta is None else _FirstStepEta(config.first_eta, int(ts.max()))
+        return loop.sample(eps_fn, schedule, x_T.shape, step=step, timesteps=ts, eta=config.eta, **kw)
     if config.method == "dpm_solver_pp_2m":
         return loop.sample(eps_fn, schedule, x_T.shape, step=dpm_solver.DPMSolverPP2M(), timesteps=ts, **kw)
     spaced = respace.respace(schedule, ts)                       # ddpm_step moves one (respaced) index at a time
     return loop.sample(respace.respaced_model(eps_fn, spaced.timesteps), spaced.schedule, x_T.shape,
                        step=ddpm_step, variance=config.variance, **kw)
+
+
+class _FirstStepEta:
+    """ddim_step with eta = first_eta on the step that starts at t_first (the chain's first) and the
+    loop's eta on every other step. Its noise is drawn from the generator on the generator's own
+    device (loop.randn), as the loop does for steps it knows draw noise."""
+
+    def __init__(self, first_eta: float, t_first: int):
+        self.first_eta, self.t_first = ddim.check_eta(first_eta), t_first
+
+    def __call__(self, schedule, x_t, t, t_prev, eps, *, eta: float = 0.0, clip_x0: bool = False,
+                 noise=None, generator=None) -> ddim.StepOutput:
+        if int(t[0]) == self.t_first:
+            eta = self.first_eta
+            if eta > 0 and noise is None:
+                noise = loop.randn(x_t.shape, generator, x_t.device, x_t.dtype)
+        return ddim.ddim_step(schedule, x_t, t, t_prev, eps, eta=eta, clip_x0=clip_x0, noise=noise,
+                              generator=generator)

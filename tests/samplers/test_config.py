@@ -107,3 +107,33 @@ def test_configs_are_frozen_and_hashable():
     with pytest.raises(Exception):
         cfg.steps = 20
     assert {cfg: 1}[sc.SamplerConfig(steps=10)] == 1
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_first_eta_applies_to_the_first_step_alone(eta):
+    """first_eta=1 with eta: the first step (from the largest t) is DDIM eta=1 with the generator's
+    first draw, every later step DDIM with eta, checked against the steps written out."""
+    cfg = sc.SamplerConfig("ddim", steps=6, eta=eta, first_eta=1.0)
+    ours = sc.run(cfg, eps_fn, SCHEDULE, x_T(), generator=torch.Generator().manual_seed(1))
+    ts = cfg.timesteps(SCHEDULE).flip(0).tolist() + [-1]
+    g = torch.Generator().manual_seed(1)
+    x = x_T()
+    for i, (t, tp) in enumerate(zip(ts[:-1], ts[1:])):
+        tt, tpp = torch.full((3,), t), torch.full((3,), tp)
+        e = 1.0 if i == 0 else eta
+        x = ddim.ddim_step(SCHEDULE, x, tt, tpp, eps_fn(x, tt), eta=e, clip_x0=True, generator=g).x_prev
+    torch.testing.assert_close(ours, x)
+    plain = sc.run(sc.SamplerConfig("ddim", steps=6, eta=eta), eps_fn, SCHEDULE, x_T(),
+                   generator=torch.Generator().manual_seed(1))
+    if eta == 0.0:                   # the fresh first step changes an eta = 0 chain
+        assert (ours - plain).abs().max() > 1e-3
+    else:                            # and is a no-op when every step has eta = 1 anyway
+        torch.testing.assert_close(ours, plain)
+
+
+def test_first_eta_label_and_bad_values():
+    assert sc.SamplerConfig(steps=20, first_eta=1.0).label == "DDIM eta=0, 20 steps, eta=1 at the first step"
+    with pytest.raises(ValueError, match="first_eta is DDIM's knob"):
+        sc.SamplerConfig("ddpm", steps=10, first_eta=1.0)
+    with pytest.raises(ValueError, match="eta"):
+        sc.SamplerConfig(steps=10, first_eta=-1.0)
