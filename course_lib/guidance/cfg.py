@@ -101,10 +101,16 @@ def cfg_eps(eps_fn, scale: float, null_class):
         if out.shape[0] != 2 * B:
             raise ValueError(f"the model returned a batch of {out.shape[0]} for an input batch of {2 * B}")
         out_cond, out_uncond = out.chunk(2)                               # conditional half first
-        eps_c, v_c = formulas.split_model_output(out_cond, C)
-        eps_u, _ = formulas.split_model_output(out_uncond, C)
-        return join_output(cfg_combine(eps_c, eps_u, scale), v_c)
+        return _guided_output(out_cond, out_uncond, C, scale)
     return guided
+
+
+def _guided_output(out_cond, out_uncond, C: int, scale: float):
+    """The guided model output from the conditional and unconditional outputs ((B, C or 2C, H, W)
+    each): eps combined by cfg_combine, v (learned variance) from the conditional output."""
+    eps_c, v_c = formulas.split_model_output(out_cond, C)
+    eps_u, _ = formulas.split_model_output(out_uncond, C)
+    return join_output(cfg_combine(eps_c, eps_u, scale), v_c)
 
 
 def cfg_two_models(cond_eps_fn, uncond_eps_fn, scale: float):
@@ -136,7 +142,5 @@ def cfg_two_models(cond_eps_fn, uncond_eps_fn, scale: float):
         for name, out in (("cond_eps_fn", out_cond), ("uncond_eps_fn", out_uncond)):
             if out.shape[0] != B or out.shape[2:] != x_t.shape[2:]:
                 raise ValueError(f"{name} returned shape {tuple(out.shape)} for x_t of shape {tuple(x_t.shape)}")
-        eps_c, v_c = formulas.split_model_output(out_cond, C)
-        eps_u, _ = formulas.split_model_output(out_uncond, C)
-        return join_output(cfg_combine(eps_c, eps_u, scale), v_c)
+        return _guided_output(out_cond, out_uncond, C, scale)
     return guided
