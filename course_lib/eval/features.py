@@ -59,7 +59,7 @@ class FashionEvaluator:
     def reference(self):
         """(mu, sigma) of the 10,000 Fashion-MNIST test images."""
         if self._reference is None:
-            self._reference = fid_lib.statistics(self.features(_test_images()))
+            self._reference = fid_lib.statistics(self.reference_features())
         return self._reference
 
     def reference_features(self):
