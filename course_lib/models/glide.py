@@ -196,9 +196,10 @@ class Glide(nn.Module):
     def is_new_parameter(self, name: str) -> bool:
         """The weights a warm start gives no trained value: the text transformer (unless it comes from
         shapes_clip), its two projections, the attention layers' text keys and values (and the
-        upsampler's level embedding). The trainer gives them recipe.class_embed_lr_mult times the rate."""
+        upsampler's level embedding, and the attention blocks' learned positions, where the UNet has them).
+        The trainer gives them recipe.class_embed_lr_mult times the rate."""
         new = ("text_to_emb.", "text_to_context.", "aug_embed.") + (("text.",) if self.config.text_encoder == "joint" else ())
-        return name.startswith(new) or ".context_kv." in name
+        return name.startswith(new) or ".context_kv." in name or name.endswith(".pos")
 
     def warm_start(self, source: nn.Module) -> "Glide":
         """Start from a trained model: a plain UNet (shapes_ddpm) fills self.unet, a GLIDE model fills
@@ -555,7 +556,7 @@ def text_attention(model, x_t, t, captions, *, block: str = "mid_attn"):
     x, context, cmask = seen["x"], seen["context"], seen["mask"]
     B, C, H, W = x.shape
     nh = attn_block.heads
-    q, k, _ = attn_block.qkv(attn_block.norm(x)).reshape(B, 3, nh, C // nh, H * W).unbind(1)
+    q, k, _ = attn_block.qkv(attn_block.normed(x)).reshape(B, 3, nh, C // nh, H * W).unbind(1)
     q, k = q.transpose(-1, -2), k.transpose(-1, -2)                       # (B, nh, HW, hd)
     ck, _ = attn_block.context_kv(context).reshape(B, -1, 2, nh, C // nh).permute(2, 0, 3, 1, 4)
     keys = torch.cat([ck, k], dim=2)

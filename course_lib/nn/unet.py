@@ -43,6 +43,8 @@ class UNetConfig:
     rescale_residual: bool = True        # (skip + h) / sqrt(2) in ResBlocks
     cond_channels: int = 0               # extra input channels joined to x_t and not predicted (GLIDE's
                                          # inpainting mask and image, an upsampler's low-resolution image)
+    attention_positions: bool = False    # a learned position embedding (zero at init) added to each
+                                         # attention's normalised input, so its queries know where they are
 
     @property
     def out_channels(self) -> int:
@@ -99,17 +101,30 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over the H*W positions; optional text tokens joined to the keys/values."""
 
-    def __init__(self, ch, head_channels, groups, context_dim=None):
+    def __init__(self, ch, head_channels, groups, context_dim=None, size=None):
         super().__init__()
         self.heads = max(1, ch // head_channels)
         self.norm = nn.GroupNorm(groups, ch)
+        # ADM's attention has no position embedding (the convolutions' padding is all it knows of
+        # place); with `size` a learned one, zero at init, is added to the queries' and keys' input
+        self.pos = nn.Parameter(torch.zeros(1, ch, size, size)) if size else None
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.context_kv = nn.Linear(context_dim, 2 * ch) if context_dim else None
         self.proj = zero_module(nn.Conv2d(ch, ch, 1))
 
+    def normed(self, x):
+        """What the queries, keys and values are computed from: GroupNorm(x), plus the positions."""
+        h = self.norm(x)
+        if self.pos is not None:
+            if tuple(self.pos.shape[-2:]) != tuple(x.shape[-2:]):
+                raise ValueError(f"this attention block learned positions on a {tuple(self.pos.shape[-2:])} grid, "
+                                 f"got a {tuple(x.shape[-2:])} feature map; run the model at its image_size")
+            h = h + self.pos
+        return h
+
     def forward(self, x, context=None, context_mask=None):  # x (B, C, H, W), context (B, L, Dc)
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        q, k, v = self.qkv(self.normed(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
         q, k, v = (z.transpose(-1, -2) for z in (q, k, v))        # (B, nh, HW, hd)
         mask = None
         if context is not None and self.context_kv is not None:
@@ -143,11 +158,12 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """ResBlocks (each followed by attention at this resolution, if asked)."""
 
-    def __init__(self, chans, emb_dim, cfg: UNetConfig, use_attn):
+    def __init__(self, chans, emb_dim, cfg: UNetConfig, use_attn, size=None):
         super().__init__()
         self.res = nn.ModuleList(ResBlock(a, b, emb_dim, cfg.dropout, cfg.norm_groups, cfg.rescale_residual)
                                  for a, b in chans)
-        self.attn = nn.ModuleList(AttentionBlock(b, cfg.head_channels, cfg.norm_groups, cfg.context_dim)
+        pos = size if cfg.attention_positions else None
+        self.attn = nn.ModuleList(AttentionBlock(b, cfg.head_channels, cfg.norm_groups, cfg.context_dim, pos)
                                   if use_attn else nn.Identity() for _, b in chans)
 
 
@@ -167,21 +183,22 @@ class UNet(nn.Module):
         self.down, self.downsample, skips, cur = nn.ModuleList(), nn.ModuleList(), [ch], ch
         for i, w in enumerate(widths):
             chans = [(cur if j == 0 else w, w) for j in range(cfg.num_res_blocks)]
-            self.down.append(Level(chans, emb_dim, cfg, sizes[i] in cfg.attention_resolutions))
+            self.down.append(Level(chans, emb_dim, cfg, sizes[i] in cfg.attention_resolutions, sizes[i]))
             skips += [w] * cfg.num_res_blocks
             cur = w
             if i < len(widths) - 1:
                 self.downsample.append(Downsample(w))
                 skips.append(w)
         self.mid = Level([(cur, cur), (cur, cur)], emb_dim, cfg, use_attn=False)
-        self.mid_attn = AttentionBlock(cur, cfg.head_channels, cfg.norm_groups, cfg.context_dim)
+        self.mid_attn = AttentionBlock(cur, cfg.head_channels, cfg.norm_groups, cfg.context_dim,
+                                       sizes[-1] if cfg.attention_positions else None)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
             chans = []
             for _ in range(cfg.num_res_blocks + 1):
                 chans.append((cur + skips.pop(), w))
                 cur = w
-            self.up.append(Level(chans, emb_dim, cfg, sizes[i] in cfg.attention_resolutions))
+            self.up.append(Level(chans, emb_dim, cfg, sizes[i] in cfg.attention_resolutions, sizes[i]))
             if i > 0:
                 self.upsample.append(Upsample(w))
         self.norm_out = nn.GroupNorm(cfg.norm_groups, cur)

@@ -139,3 +139,32 @@ def test_bad_inputs_raise_clear_errors(case, error, match):
     }
     with pytest.raises(error, match=match):
         calls[case]()
+
+
+def test_attention_positions_start_at_zero_and_know_where_they_are():
+    """attention_positions=True: a learned (C, H, W) embedding per attention block, zero at init, so
+    a model warm-started from one without them computes the same output at step 0; once learned,
+    it breaks the attention's permutation symmetry (it is the only place-dependent term added)."""
+    plain = _perturb(UNet(preset("tiny", context_dim=8)))
+    pos = UNet(preset("tiny", context_dim=8, attention_positions=True)).eval()
+    missing, unexpected = pos.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.endswith(".pos") for k in missing)
+    assert pos.mid_attn.pos.shape == (1, pos.mid_attn.norm.num_channels, 14, 14)   # tiny: 28 -> 14
+    x, t = _inputs()
+    ctx = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(pos(x, t, context=ctx), plain(x, t, context=ctx), rtol=0, atol=0)
+    pos.train()
+    pos(x, t, context=ctx).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pos.named_parameters() if n.endswith(".pos"))
+    block = pos.mid_attn
+    with torch.no_grad():
+        block.pos.normal_(generator=torch.Generator().manual_seed(3))
+        feat = torch.randn(1, block.norm.num_channels, 14, 14, generator=torch.Generator().manual_seed(4))
+        rolled = feat.roll(1, dims=-1)
+        # without positions, attention commutes with shuffling the positions; with them, it does not
+        assert not torch.allclose(block(rolled), block(feat).roll(1, dims=-1), atol=1e-4)
+        block.pos.zero_()
+        torch.testing.assert_close(block(rolled), block(feat).roll(1, dims=-1), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="learned positions on a"):
+        block(torch.randn(1, block.norm.num_channels, 4, 4))
