@@ -4,7 +4,8 @@
 every cell still runs. `pick(quick=..., full=...)` returns the value for this speed.
 
 `device()` is the one device choice (CUDA when present, `COURSE_DEVICE=cpu|cuda|cuda:N` to
-override); `threads()` the CPU threads (the affinity mask, `COURSE_THREADS` to override);
+override, `COURSE_DEVICE=sim` for a CPU stand-in that fails where CUDA would: course_lib.simdevice);
+`threads()` the CPU threads (the affinity mask, `COURSE_THREADS` to override);
 `describe()` the line each notebook prints: device, precision and threads it runs with.
 """
 from __future__ import annotations
@@ -39,6 +40,9 @@ def device(requested=None) -> torch.device:
     name = requested if requested is not None else (os.environ.get("COURSE_DEVICE") or None)
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "sim":        # a stand-in for a GPU that fails where CUDA would (course_lib.simdevice)
+        from course_lib import simdevice
+        return simdevice.enable()
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError) as e:
@@ -132,6 +136,9 @@ def describe(dev=None, bf16: bool = True) -> str:
     dev = device(dev)
     n = set_threads()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    from course_lib import simdevice
+    if simdevice.is_sim(dev):
+        name = f"the simulated GPU of COURSE_DEVICE=sim, on {name}"
     return f"device {dev} ({name}), {precision(dev, bf16)}, {n} CPU thread{'s' if n > 1 else ''}"
 
 
