@@ -259,6 +259,15 @@ def enable() -> torch.device:
     return SIM
 
 
+def disable() -> None:
+    """Turn it off again (tests); SimTensors made meanwhile stay SimTensors but are no longer checked."""
+    global _mode
+    if _mode is not None:
+        _mode.__exit__(None, None, None)
+        _mode = None
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+
+
 def enabled() -> bool:
     return _mode is not None
 
