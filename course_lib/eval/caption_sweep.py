@@ -65,19 +65,22 @@ def noise_word(interval: tuple) -> str:
 
 def caption_sweep(rows: Sequence[tuple], prompts: Sequence[str], n_per_prompt: int, sampler: sampler_config.SamplerConfig,
                   schedule, reference: torch.Tensor, *, image_shape=(3, 32, 32), seed: int = 0, batch_size: int = 128,
-                  progress: bool = True, log: Callable[[str], None] | None = print) -> list:
+                  progress: bool = True, log: Callable[[str], None] | None = print, device=None) -> list:
     """Sample every prompt n_per_prompt times for each row and measure it.
 
     rows: (label, scale, eps_fn) triples, eps_fn a (guided) noise predictor taking cond = a list of
     captions; prompts: caption strings (the attributes they ask for are read by shapes.parse_caption);
     reference: real renders for the scene FID (as many as samples, or more).
+    device: where the samples are drawn (the models' device; default the CPU). x_T and the step noise
+    come from CPU generators on every device, so a row draws the same noise anywhere; the samples
+    and `correct` come back on the CPU.
     """
     if not prompts or n_per_prompt < 1:
         raise ValueError("caption_sweep needs at least one prompt and n_per_prompt >= 1")
     captions = [p for p in prompts for _ in range(n_per_prompt)]
     want = attributes.as_codes(captions, len(captions))
     n = len(captions)
-    x_T = noise_for(n, image_shape, seed)
+    x_T = noise_for(n, image_shape, seed).to(device or "cpu")
     out = []
     for label, scale, eps_fn in tqdm(list(rows), desc="rows", disable=not progress):
         t0 = time.time()
@@ -86,9 +89,10 @@ def caption_sweep(rows: Sequence[tuple], prompts: Sequence[str], n_per_prompt: i
             g = torch.Generator().manual_seed(seed * 1_000_003 + lo)
             chunks.append(sampler_config.run(sampler, eps_fn, schedule, x_T[lo:lo + batch_size],
                                              cond=captions[lo:lo + batch_size], generator=g).clamp(-1, 1))
-        x = torch.cat(chunks)
+        x = torch.cat(chunks).cpu()
         seconds = (time.time() - t0) / n
-        got = predict_codes(attributes.judge(), x)
+        judge = attributes.judge()
+        got = predict_codes(judge, x.to(next(judge.parameters()).device)).cpu()
         r = attributes.score_codes(want, got)
         fid = attributes.scene_fid(x, reference) if n >= 2 else float("nan")
         row = CaptionRow(label, scale, r.accuracy, wilson_interval(int(r.correct.sum()), n), r.errors, fid,

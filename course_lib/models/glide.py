@@ -468,16 +468,21 @@ def projected_sampling(eps_fn, schedule, x_T, cond, *, step, generator, project,
     the last is undone (x_t from x_prev by one forward step of noise, q(x_t | x_{t-1})) and redone,
     resample times. Replacement inpainting and ILVR are two projections."""
     from tqdm.auto import tqdm
-    from course_lib.samplers.loop import randn
+    from course_lib.samplers.loop import _draws_noise, _elsewhere, randn
     if resample < 1:
         raise ValueError(f"resample must be >= 1, got {resample}")
     B, T = x_T.shape[0], schedule.T
     ab = torch.as_tensor(schedule.alpha_bar, dtype=torch.float32, device=x_T.device)
+    # a CPU generator and samples on a GPU: the step's noise is drawn where the generator is and moved
+    # (as loop.sample does), so every device adds the same noise
+    predraw = _elsewhere(generator, x_T.device) and _draws_noise(step, getattr(step, "keywords", None) or {})
     x = x_T
     for i in tqdm(range(T - 1, -1, -1), desc=desc, disable=not progress):
         t = torch.full((B,), i, dtype=torch.long, device=x.device)
         for r in range(resample):
-            x_prev = project(step(schedule, x, t, t - 1, eps_fn(x, t, cond), generator=generator).x_prev, t)
+            eps = eps_fn(x, t, cond)
+            noise = {"noise": randn(x.shape, generator, x.device, x.dtype)} if predraw else {}
+            x_prev = project(step(schedule, x, t, t - 1, eps, generator=generator, **noise).x_prev, t)
             if r < resample - 1 and i > 0:   # back to x_t: q(x_t | x_{t-1}) = N(sqrt(a_t) x_{t-1}, (1 - a_t) I)
                 a = ab[i] / ab[i - 1]
                 x = a.sqrt() * x_prev + (1 - a).sqrt() * randn(x_prev.shape, generator, x_prev.device).to(x_prev.dtype)

@@ -44,3 +44,50 @@ def test_sweep_of_a_toy_predictor():
     assert "toy again" in cs.table(rows)
     with pytest.raises(ValueError, match="at least one prompt"):
         cs.caption_sweep([("toy", 0.0, zero)], [], 2, SamplerConfig(method="ddim", steps=3), sched, real)
+
+
+def _sweep_on(device):
+    sched = NoiseSchedule.from_betas(cosine_betas(1000))
+    real = shapes.ShapesDataset("test", 32, 8, seed=0).images
+    seen = set()
+
+    def shrink(x, t, cond=None):
+        seen.add(x.device)
+        return 0.1 * x
+    rows = cs.caption_sweep([("toy", 1.0, shrink)], ["a red circle", "a blue square above a red cross"], 2,
+                            SamplerConfig(method="ddpm", steps=3, variance="small"), sched, real, batch_size=3, progress=False, log=None,
+                            device=device)
+    return rows[0], seen
+
+
+@pytest.mark.skipif(not (CHECKPOINT_DIR / "shapes_attributes.safetensors").exists(), reason="shapes_attributes not built")
+def test_sweep_samples_on_the_device_and_returns_cpu_tensors():
+    default, seen_default = _sweep_on(None)
+    row, seen = _sweep_on("cpu")
+    assert seen == seen_default == {torch.device("cpu")}
+    assert row.samples.device.type == row.correct.device.type == "cpu"
+    assert torch.equal(row.samples, default.samples) and row.accuracy == default.accuracy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not (CHECKPOINT_DIR / "shapes_attributes.safetensors").exists(),
+                    reason="needs a CUDA GPU and shapes_attributes")
+def test_sweep_on_cuda_draws_the_cpu_noise():
+    cpu, _ = _sweep_on("cpu")
+    row, seen = _sweep_on("cuda")
+    assert {d.type for d in seen} == {"cuda"}
+    assert row.samples.device.type == row.correct.device.type == "cpu"
+    torch.testing.assert_close(row.samples, cpu.samples, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not (CHECKPOINT_DIR / "shapes_attributes.safetensors").exists(), reason="shapes_attributes not built")
+def test_sweep_on_the_simulated_gpu_gives_the_cpus_numbers():
+    from course_lib import runtime, simdevice
+    cpu, _ = _sweep_on("cpu")
+    try:
+        dev = runtime.device("sim")
+        row, seen = _sweep_on(dev)
+    finally:
+        simdevice.disable()
+    assert seen == {dev}
+    assert row.samples.device == row.correct.device == torch.device("cpu")
+    assert torch.equal(row.samples, cpu.samples) and row.accuracy == cpu.accuracy and row.scene_fid == cpu.scene_fid

@@ -374,3 +374,82 @@ def test_low_pass_upsample_keeps_the_input_exactly():
     assert (glide.downsample(plain, 8) - low).abs().max() > 1e-2
     f = glide.low_pass_filter(x, 8)
     torch.testing.assert_close(glide.low_pass_filter(f, 8), f)     # a projection
+
+
+def test_projected_sampling_draws_the_step_noise_where_the_generator_is(monkeypatch):
+    # A CPU generator with samples on a GPU (what glide.sample has on CUDA): the steps' noise is drawn on the
+    # generator's device and moved, as loop.sample does. Faked here on the CPU: same noise, same samples.
+    import functools
+    from course_lib.samplers import loop, respace
+    from course_lib.samplers.ddim import ddim_step
+    from course_lib.samplers.ddpm import ddpm_step
+    spaced = respace.respace(SCHED, respace.even_timesteps(1000, 4))
+    img, mask = torch.rand(2, 3, 16, 16) * 2 - 1, glide.half_mask(2, 16, "left")
+    eps_fn = lambda x_t, t, c: 0.1 * x_t  # noqa: E731
+    given = []
+
+    def ddpm_recorded(schedule, x_t, t, t_prev, eps, *, generator=None, noise=None):
+        given.append(noise is not None)
+        return ddpm_step(schedule, x_t, t, t_prev, eps, generator=generator, noise=noise)
+
+    def ddim_recorded(schedule, x_t, t, t_prev, eps, *, eta=0.0, generator=None, noise=None):
+        given.append(noise is not None)
+        return ddim_step(schedule, x_t, t, t_prev, eps, eta=eta, generator=generator, noise=noise)
+
+    def run(step):
+        return glide.replacement_inpaint(eps_fn, spaced.schedule, torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)),
+                                         glide.Prompt(["a"] * 2, img, mask), step=step,
+                                         generator=torch.Generator().manual_seed(0), resample=2, progress=False)
+    steps = {"ddpm": ddpm_recorded, "ddim eta 1": functools.partial(ddim_recorded, eta=1.0),
+             "ddim eta 0": functools.partial(ddim_recorded, eta=0.0)}   # glide.sample's two steps
+    here = {name: run(s) for name, s in steps.items()}
+    assert not any(given)                                     # one device: the step draws, as before
+    monkeypatch.setattr(loop, "_elsewhere", lambda generator, device: True)
+    for name, s in steps.items():
+        given.clear()
+        assert torch.equal(run(s), here[name]), name
+        assert all(given) == (name != "ddim eta 0") and len(given) == 8   # 4 steps, each run resample = 2 times
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_replacement_and_ilvr_on_cuda_match_the_cpu():
+    caps = ["a red circle", "a blue square"]
+    img, mask = torch.rand(2, 3, 16, 16) * 2 - 1, glide.half_mask(2, 16, "bottom")
+    low = torch.rand(2, 3, 8, 8) * 2 - 1
+    for kind, kw in (("base", lambda d: dict(extra=glide.Prompt(caps, image=img.to(d), mask=mask.to(d)), replace_known=True,
+                                             resample=2)),
+                     ("upsample", lambda d: dict(extra=glide.Prompt(caps, low_res=low.to(d),
+                                                                    aug_level=torch.zeros(2, dtype=torch.long, device=d)),
+                                                 low_pass=True))):
+        m = tiny(kind)
+        cpu = glide.sample(m, caps, steps=3, scale=2.0, progress=False, **kw("cpu"))
+        gpu = glide.sample(m.to("cuda"), caps, steps=3, scale=2.0, progress=False, **kw("cuda"))
+        assert gpu.device.type == "cuda"
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture
+def sim():
+    from course_lib import runtime, simdevice
+    dev = runtime.device("sim")
+    try:
+        yield dev
+    finally:
+        simdevice.disable()
+
+
+def test_replacement_and_ilvr_on_the_simulated_gpu_give_the_cpus_samples(sim):
+    # COURSE_DEVICE=sim fails where CUDA fails (a CPU generator drawing on the device was one, in projected_sampling)
+    import copy
+    caps = ["a red circle", "a blue square"]
+    img, mask = torch.rand(2, 3, 16, 16) * 2 - 1, glide.half_mask(2, 16, "bottom")
+    low = torch.rand(2, 3, 8, 8) * 2 - 1
+    for kind, kw in (("base", lambda d: dict(extra=glide.Prompt(caps, image=img.to(d), mask=mask.to(d)), replace_known=True,
+                                             resample=2)),
+                     ("upsample", lambda d: dict(extra=glide.Prompt(caps, low_res=low.to(d),
+                                                                    aug_level=torch.zeros(2, dtype=torch.long, device=d)),
+                                                 low_pass=True))):
+        m = tiny(kind)
+        cpu = glide.sample(m, caps, steps=3, scale=2.0, progress=False, **kw("cpu"))
+        on_sim = glide.sample(copy.deepcopy(m).to(sim), caps, steps=3, scale=2.0, progress=False, **kw(sim))
+        assert on_sim.device == sim and torch.equal(on_sim.cpu(), cpu), kind
