@@ -175,11 +175,11 @@ class Glide(nn.Module):
         if kind == "inpaint":
             check_mask(p.mask, (B, 1, *x_t.shape[-2:]))
             check_image_range(p.image, (B, 3, *x_t.shape[-2:]), "the known image")
-            m = p.mask.to(x_t.dtype)
-            return torch.cat([p.image.to(x_t.dtype) * m, m], dim=1)
+            m = p.mask.to(x_t.device, x_t.dtype)   # the conditioning follows x_t, as aug_level does
+            return torch.cat([p.image.to(x_t.device, x_t.dtype) * m, m], dim=1)
         low = self.config.low_res
         check_image_range(p.low_res, (B, 3, low, low), "the low-resolution image", limit=None)
-        return F.interpolate(p.low_res.to(x_t.dtype), size=(size, size), mode="bilinear", align_corners=False)
+        return F.interpolate(p.low_res.to(x_t.device, x_t.dtype), size=(size, size), mode="bilinear", align_corners=False)
 
     def forward(self, x_t, t, cond=None):
         p = as_prompt(cond, x_t.shape[0])

@@ -453,3 +453,16 @@ def test_replacement_and_ilvr_on_the_simulated_gpu_give_the_cpus_samples(sim):
         cpu = glide.sample(m, caps, steps=3, scale=2.0, progress=False, **kw("cpu"))
         on_sim = glide.sample(copy.deepcopy(m).to(sim), caps, steps=3, scale=2.0, progress=False, **kw(sim))
         assert on_sim.device == sim and torch.equal(on_sim.cpu(), cpu), kind
+
+
+def test_conditioning_images_follow_x_t_to_its_device(sim):
+    """The inpainting image and mask (and an upsampler's low-res input) may come from the host: the
+    model moves them to x_t's device, as it does aug_level, and computes what the CPU computes."""
+    import copy
+    caps = ["a red circle", "a blue square"]
+    img, mask = torch.rand(2, 3, 16, 16) * 2 - 1, glide.half_mask(2, 16, "right")
+    m = tiny("inpaint")
+    x, t = x_and_t()
+    ref = m(x, t, glide.Prompt(caps, image=img, mask=mask))
+    out = copy.deepcopy(m).to(sim)(x.to(sim), t.to(sim), glide.Prompt(caps, image=img, mask=mask))
+    assert out.device == sim and torch.equal(out.cpu(), ref)
