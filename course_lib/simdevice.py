@@ -175,6 +175,9 @@ class _SimMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in _SCALAR:
             return func(*args, **kwargs)
+        if func is torch.Tensor.__format__ and isinstance(args[0], SimTensor):
+            # torch formats a 0-dim tensor by its item only for exact torch.Tensor, as CUDA's tensors are
+            return func(args[0].as_subclass(torch.Tensor), *args[1:], **kwargs)
         if func is torch.Tensor.__deepcopy__ and isinstance(args[0], SimTensor):
             src, memo = args[0], args[1]
             if id(src) not in memo:   # torch's own deepcopy of a subclass needs new_empty to keep the type

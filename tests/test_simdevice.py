@@ -80,6 +80,7 @@ def test_numpy_needs_cpu_first(sim):
         np.asarray(x)
     assert np.asarray(x.cpu()).shape == (2, 2)
     assert isinstance(x.sum().item(), float) and len(x.tolist()) == 2
+    assert f"{x.sum():.3f}" == f"{x.cpu().sum():.3f}" and f"{x}".startswith("tensor(")   # as on CUDA
 
 
 def test_cpu_generator_cannot_draw_on_the_device(sim):
@@ -133,3 +134,26 @@ def test_the_library_samples_and_trains_on_it_with_the_cpus_numbers(sim, tmp_pat
     r_sim = trainer.train(recipe, tmp_path / "sim", data=data, progress=False, log_every=1, device=sim)
     assert r_cpu.losses == r_sim.losses
     assert all(torch.equal(p.cpu(), q) for p, q in zip(r_sim.model.parameters(), r_cpu.model.parameters()))
+
+
+def test_the_steps_draw_with_a_cpu_generator_for_device_samples(sim):
+    """q_sample, ddpm_step and ddim_step(eta=1) given a CPU generator and device tensors draw on the
+    generator's device and move the noise (CUDA refuses the draw itself): the CPU's numbers."""
+    from course_lib.diffusion import formulas
+    from course_lib.diffusion.schedules import NoiseSchedule, cosine_betas
+    from course_lib.samplers.ddim import ddim_step
+    from course_lib.samplers.ddpm import ddpm_step
+    sched = NoiseSchedule.from_betas(cosine_betas(1000))
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    eps = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    t, t_prev = torch.tensor([500, 500]), torch.tensor([499, 499])
+    t_skip = torch.tensor([400, 400])
+    runs = {}
+    for d in ("cpu", sim):
+        g = lambda: torch.Generator().manual_seed(7)      # noqa: E731
+        xd, ed, td, tpd, tsd = (v.to(d) for v in (x, eps, t, t_prev, t_skip))
+        runs[str(d)] = (formulas.q_sample(sched, xd, td, generator=g()),
+                        ddpm_step(sched, xd, td, tpd, ed, generator=g()).x_prev,
+                        ddim_step(sched, xd, td, tsd, ed, eta=1.0, generator=g()).x_prev)
+    for a, b in zip(runs["cpu"], runs[str(sim)]):
+        assert b.device == sim and torch.equal(a, b.cpu())

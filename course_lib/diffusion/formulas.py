@@ -52,12 +52,21 @@ def _check_pair(schedule, x_t, t, other, other_name: str) -> None:
     check_like(other_name, other, x_t)
 
 
+def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """N(0, I) of `shape` drawn from `generator` on the generator's own device, then moved to `device`:
+    a seeded CPU generator gives the same noise whatever device the samples are on (CUDA itself
+    refuses a CPU generator for a draw on the GPU)."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
 def q_sample(schedule: NoiseSchedule, x0, t, noise=None, *, generator=None):
     """Sample q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)  (DDPM eq. 4)."""
     _check_image("x0", x0)
     check_t(schedule, t, x0.shape[0])
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = randn(x0.shape, generator, x0.device, x0.dtype)
     else:
         check_like("noise", noise, x0, "x0")
     return extract(schedule.alpha_bar.sqrt(), t, x0) * x0 + extract((1 - schedule.alpha_bar).sqrt(), t, x0) * noise

@@ -53,7 +53,7 @@ def per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def draw_noise(x: torch.Tensor, noise=None, generator=None) -> torch.Tensor:
     """The step's z ~ N(0, I): `noise` if given (checked), else drawn from `generator`."""
     if noise is None:
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return formulas.randn(x.shape, generator, x.device, x.dtype)   # on the generator's device, moved
     return check_like("noise", noise, x)
 
 

@@ -55,7 +55,7 @@ def ddpm_step(schedule: NoiseSchedule, x_t, t, t_prev, eps, *, variance: str = "
     mean, _, _ = formulas.q_posterior(schedule, x0, x_t, t)               # 2. posterior mean, eq. (7)
     log_var = log_variance(schedule, t, x_t, variance, v)                 # 3. sigma_t^2
     if noise is None:
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        noise = formulas.randn(x_t.shape, generator, x_t.device, x_t.dtype)   # on the generator's device, moved
     else:
         check_like("noise", noise, x_t)
     nonzero = (t.to(x_t.device) > 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))  # no noise at the last step

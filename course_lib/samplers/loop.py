@@ -37,11 +37,7 @@ def _takes(step, name):
     return name in inspect.signature(step).parameters
 
 
-def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """N(0, I) of `shape` drawn from `generator` on the generator's own device, then moved to `device`."""
-    if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+randn = formulas.randn   # N(0, I) drawn on the generator's own device, then moved
 
 
 def _elsewhere(generator, device) -> bool:
