@@ -13,15 +13,6 @@ from course_lib import runtime, simdevice
 from course_lib.simdevice import SIM, SimDeviceError, SimTensor
 
 
-@pytest.fixture
-def sim():
-    dev = runtime.device("sim")
-    try:
-        yield dev
-    finally:
-        simdevice.disable()
-
-
 def test_device_sim_is_cpu0_and_named(sim):
     assert sim == torch.device("cpu", 0) and simdevice.is_sim(sim)
     assert "simulated GPU" in runtime.describe(sim, bf16=False)

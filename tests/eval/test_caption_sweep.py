@@ -80,14 +80,9 @@ def test_sweep_on_cuda_draws_the_cpu_noise():
 
 
 @pytest.mark.skipif(not (CHECKPOINT_DIR / "shapes_attributes.safetensors").exists(), reason="shapes_attributes not built")
-def test_sweep_on_the_simulated_gpu_gives_the_cpus_numbers():
-    from course_lib import runtime, simdevice
+def test_sweep_on_the_simulated_gpu_gives_the_cpus_numbers(sim):
     cpu, _ = _sweep_on("cpu")
-    try:
-        dev = runtime.device("sim")
-        row, seen = _sweep_on(dev)
-    finally:
-        simdevice.disable()
-    assert seen == {dev}
+    row, seen = _sweep_on(sim)
+    assert seen == {sim}
     assert row.samples.device == row.correct.device == torch.device("cpu")
     assert torch.equal(row.samples, cpu.samples) and row.accuracy == cpu.accuracy and row.scene_fid == cpu.scene_fid
