@@ -9,13 +9,19 @@ shapes_glide for STEPS more steps in two arms that differ in one thing:
     pos  UNetConfig(attention_positions=True): a learned (C, H, W) embedding, zero at init, added
          to each attention block's normalised input (step 0 is exactly shapes_glide)
     ctl  the same model without it (so "more steps" alone is measured too)
+    bidir  the text tower made bidirectional (GlideConfig(text_causal=False), as GLIDE's text
+         transformer is): shapes_clip's tower is causal, so the first-named object's tokens never
+         read the relation after them ("a red circle left of ..." cannot tell the red circle it is
+         the left one); everything else as ctl
     shipped  no training: the shipped shapes_glide measured here the same way (STEPS = 0), because
          its card was measured under bf16 autocast on another machine
 
 Same recipe otherwise (shapes_glide's, lr warm-up 50 steps, fp32, seed 0), then the recipe's own
-evaluation (report.measure: 20 samples x 8 prompts per kind, 50 DDPM steps, CFG s=1 and s=3).
+evaluation (report.measure: 20 samples x 8 prompts per kind, 50 DDPM steps, CFG s=1 and s=3), and
+glide.order_preference: on 200 two-object test scenes, how much lower the denoising loss is with the
+true caption than with the same words naming the objects in swapped places, per t (0: blind to order).
 
-usage: OMP_NUM_THREADS=1 COURSE_THREADS=1 python experiments/glide_positions.py pos|ctl|shipped STEPS
+usage: OMP_NUM_THREADS=1 COURSE_THREADS=1 python experiments/glide_positions.py pos|ctl|bidir|shipped STEPS
 Writes runs/glide_positions_ARM_STEPS/ (training state) and experiments/results/glide_positions_ARM_STEPS.json.
 """
 import dataclasses
@@ -27,14 +33,16 @@ import torch
 
 from course_lib import runtime
 from course_lib.eval import report
+from course_lib.models import glide
 from course_lib.training import checkpoints, recipes, trainer
 
 arm, steps = sys.argv[1], int(sys.argv[2])
-if arm not in ("pos", "ctl", "shipped"):
-    raise SystemExit("arm must be pos, ctl or shipped")
+if arm not in ("pos", "ctl", "bidir", "shipped"):
+    raise SystemExit("arm must be pos, ctl, bidir or shipped")
 base = recipes.get("shapes_glide")
 cfg = base.model_config
-cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, attention_positions=(arm == "pos")))
+cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, attention_positions=(arm == "pos")),
+                          text_causal=(arm != "bidir"))
 r = dataclasses.replace(base, model_config=cfg, init_from="shapes_glide", steps=steps, warmup=50, bf16=False,
                         checkpoint_every=250)
 t0 = time.time()
@@ -47,6 +55,8 @@ else:
 train_s = time.time() - t0
 print("trained", steps, "in", round(train_s), "s", flush=True)
 m = report.measure(r, model, device="cpu")
+m["order_preference"] = [{"t": p.t, "gain": round(p.gain, 6), "gain_interval": [round(v, 6) for v in p.gain_interval],
+                          "share_true_lower": round(p.share, 3)} for p in glide.order_preference(model.eval())]
 out = {"arm": arm, "steps": steps, "train_seconds": round(train_s, 1), "threads": torch.get_num_threads(),
        "hardware": runtime.hardware("cpu"), "torch": torch.__version__, "measured": time.strftime("%Y-%m-%d"),
        "metrics": m}

@@ -53,6 +53,9 @@ class GlideConfig:
     text_encoder: str = "joint"     # "joint": nn.transformer.TextTransformer from scratch (GLIDE); "clip": open_clip's
                                     # text tower (shapes-tiny-clip), started from shapes_clip at a warm start and
                                     # trained jointly from there (text_width 128, 3 causal layers)
+    text_causal: bool = True        # "clip": keep CLIP's causal mask (each token reads only the words before it);
+                                    # False: bidirectional with a padding mask, as GLIDE's text transformer, so the
+                                    # first-named object's tokens can read the relation that follows them
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -132,7 +135,7 @@ class Glide(nn.Module):
         self.config = cfg = config
         emb_dim = 4 * cfg.unet.base_channels
         if cfg.text_encoder == "clip":
-            self.text = ClipTextTokens()
+            self.text = ClipTextTokens(causal=cfg.text_causal)
             if (self.text.width, self.text.context_length, self.text.vocab_size) != (cfg.text_width, cfg.context_length,
                                                                                    cfg.vocab_size):
                 raise ValueError(f"the CLIP text tower is width {self.text.width}, {self.text.context_length} tokens, "
@@ -233,9 +236,11 @@ class Glide(nn.Module):
 class ClipTextTokens(nn.Module):
     """open_clip's text tower (the shapes-tiny-clip architecture, models.clip) returning every token's
     features after the final LayerNorm (B, L, width), before CLIP's pooling and projection: causal
-    attention, so the end token has read the whole caption (it is CLIP's pooled token)."""
+    attention, so the end token has read the whole caption (it is CLIP's pooled token).
+    causal=False drops the causal mask for a padding mask: every real token reads every other real
+    token (GLIDE's text transformer is bidirectional), and none reads the padding."""
 
-    def __init__(self):
+    def __init__(self, causal: bool = True):
         super().__init__()
         import open_clip
         from course_lib.models.clip import CONFIG_NAME, _quiet_logging, register
@@ -245,6 +250,7 @@ class ClipTextTokens(nn.Module):
         self.token_embedding, self.positional_embedding = clip.token_embedding, clip.positional_embedding
         self.transformer, self.ln_final = clip.transformer, clip.ln_final
         self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.causal, self.heads = causal, clip.transformer.resblocks[0].attn.num_heads
         self.width, self.context_length, self.vocab_size = clip.transformer.width, clip.context_length, clip.vocab_size
 
     PARTS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
@@ -259,7 +265,15 @@ class ClipTextTokens(nn.Module):
         if tokens.dim() != 2 or tokens.shape[1] != self.context_length:
             raise ValueError(f"tokens must be (B, {self.context_length}), got {tuple(tokens.shape)}")
         x = self.token_embedding(tokens) + self.positional_embedding
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        if self.causal:
+            attn_mask = self.attn_mask
+        else:   # (B * heads, L, L): -inf on the padding keys, one row per query
+            if mask.shape != tokens.shape:
+                raise ValueError(f"mask must be shaped {tuple(tokens.shape)}, got {tuple(mask.shape)}")
+            keys = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, float("-inf"))
+            attn_mask = keys[:, None, None, :].expand(-1, self.heads, tokens.shape[1], -1).reshape(
+                -1, tokens.shape[1], tokens.shape[1])
+        x = self.transformer(x, attn_mask=attn_mask)
         return self.ln_final(x)
 
 
@@ -587,6 +601,66 @@ def token_words(model, tokens) -> list:
             words.append("<start>" if i == SOT else "<end>" if i == eot else _bpe().decode([bpe[i - 2]]).strip())
         out.append(words)
     return out
+
+
+class CaptionPreference(NamedTuple):
+    t: int
+    gain: float          # mean over images of L(other caption) - L(true caption): > 0 when the true one helps more
+    gain_interval: tuple # its 95% interval (normal approximation over the images)
+    share: float         # share of images whose true caption gives the lower loss (0.5: no preference)
+
+
+def swapped_order_caption(scene: shapes.Scene) -> str:
+    """The caption of a two-object scene with its objects trading places: the same words, the other
+    image ("a red circle left of a blue square" -> "a blue square left of a red circle")."""
+    if len(scene.objects) != 2:
+        raise ValueError("swapped_order_caption needs a two-object scene")
+    s = scene.canonical()
+    return shapes.caption(shapes.Scene(s.objects[::-1], relation=s.relation), 0)
+
+
+@torch.no_grad()
+def caption_preference(model, images, captions, others, ts=(200, 400, 600, 800, 900), *, seed: int = 0,
+                       batch_size: int = 100) -> list:
+    """Does the model's denoising use what tells `captions` from `others`? For each t, images are noised
+    to x_t (one seeded noise shared by both captions) and the eps-prediction loss with each caption is
+    compared, image by image: the gain of the true caption over the other, and how often it wins. A
+    model blind to the difference gains exactly nothing (the losses are equal)."""
+    from course_lib.training.recipes import _schedule
+    if not (len(images) == len(captions) == len(others)):
+        raise ValueError(f"one caption and one other caption per image: {len(images)} images, "
+                         f"{len(captions)} captions, {len(others)} others")
+    check_image_range(images, (len(images), *images.shape[1:]), "the images")
+    net = getattr(model, "module", model)
+    dev = next(net.parameters()).device
+    schedule = _schedule("cosine", 1000)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in ts:
+        noise = formulas.randn(images.shape, generator=g)
+        diffs = []
+        for lo in range(0, len(images), batch_size):
+            sl = slice(lo, lo + batch_size)
+            x0, eps = images[sl].to(dev), noise[sl].to(dev)
+            tt = torch.full((x0.shape[0],), int(t), device=dev)
+            x_t = formulas.q_sample(schedule, x0, tt, eps)
+            loss = [((model(x_t, tt, list(c[sl]))[:, :3] - eps) ** 2).mean((1, 2, 3)) for c in (captions, others)]
+            diffs.append((loss[1] - loss[0]).float().cpu())
+        d = torch.cat(diffs).double()
+        half = 1.96 * float(d.std()) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+        rows.append(CaptionPreference(int(t), float(d.mean()), (float(d.mean()) - half, float(d.mean()) + half),
+                                      float((d > 0).double().mean())))
+    return rows
+
+
+def order_preference(model, n: int = 200, ts=(200, 400, 600, 800, 900), *, seed: int = 0) -> list:
+    """caption_preference on n two-object test scenes, each caption against its swapped_order_caption:
+    does the model know which object goes where, or only which objects and which axis?"""
+    data = shapes.ShapesDataset("test", model_config(model).image_size, 3 * n, seed + 11)
+    idx = [i for i, sc in enumerate(data.scenes) if len(sc.objects) == 2][:n]
+    true = [shapes.caption(data.scenes[i].canonical(), 0) for i in idx]
+    other = [swapped_order_caption(data.scenes[i]) for i in idx]
+    return caption_preference(model, data.images[idx], true, other, ts, seed=seed)
 
 
 # ---------------------------------------------------------------------- metrics for the cards

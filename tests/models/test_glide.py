@@ -344,6 +344,33 @@ def test_clip_text_tower_is_shapes_clips_and_its_end_token_is_clips_pooled_text(
     torch.testing.assert_close(mine, clip.clip.encode_text(tok), atol=1e-5, rtol=1e-5)
 
 
+def test_bidirectional_clip_text_tower_reads_the_whole_caption_and_never_the_padding():
+    """text_causal=False: each real token's features equal those of the caption run alone, unpadded and
+    with no mask at all (an independent forward), so the padding is never read; and the first word's
+    features change with a later word, which the causal tower cannot see."""
+    torch.manual_seed(0)
+    tower = glide.ClipTextTokens(causal=False).eval()
+    causal = glide.ClipTextTokens(causal=True).eval()
+    causal.load_state_dict(tower.state_dict())
+    m = glide.Glide(glide.GlideConfig(text_encoder="clip", text_causal=False))
+    caps = ["a red circle left of a blue square", "a blue square right of a red circle", ""]
+    tok = m.tokens(caps)
+    mask = tok != PAD
+    with torch.no_grad():
+        out = tower(tok, mask)
+        for i in range(len(caps)):
+            n = int(mask[i].sum())
+            alone = tower.token_embedding(tok[i:i + 1, :n]) + tower.positional_embedding[:n]
+            alone = tower.ln_final(tower.transformer(alone, attn_mask=None))
+            torch.testing.assert_close(out[i, :n], alone[0], atol=1e-5, rtol=1e-5)
+        other = m.tokens(["a red circle right of a blue square"])
+        # token 2 is "red": the bidirectional tower hears the relation after it, the causal one does not
+        assert (tower(other, other != PAD)[0, 2] - out[0, 2]).abs().max() > 1e-3
+        torch.testing.assert_close(causal(other, other != PAD)[0, 2], causal(tok, mask)[0, 2])
+    with pytest.raises(ValueError, match="mask must be shaped"):
+        tower(tok, mask[:, :5])
+
+
 def test_clip_text_warm_start_and_learning_rates():
     from course_lib.training import checkpoints, recipes, trainer
     r = recipes.get("shapes_glide")
@@ -447,3 +474,51 @@ def test_conditioning_images_follow_x_t_to_its_device(sim):
     ref = m(x, t, glide.Prompt(caps, image=img, mask=mask))
     out = copy.deepcopy(m).to(sim)(x.to(sim), t.to(sim), glide.Prompt(caps, image=img, mask=mask))
     assert out.device == sim and torch.equal(out.cpu(), ref)
+
+
+class _CaptionConstant(torch.nn.Module):
+    """A stand-in eps model: outputs the constant value[caption] everywhere (0 when unlisted)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value, self.w = value, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t, captions):
+        v = torch.tensor([self.value.get(c, 0.0) for c in captions], dtype=x_t.dtype)
+        return v[:, None, None, None].expand_as(x_t) + self.w
+
+
+def test_caption_preference_against_a_model_with_a_known_answer():
+    """A model blind to the caption gains exactly 0 and never prefers; one that outputs 0 for the true
+    caption and 1 for the other loses E[(1 - eps)^2] - E[eps^2] = 1 more on every image."""
+    images = torch.rand(24, 3, 32, 32) * 2 - 1
+    true, other = ["a red circle"] * 24, ["a blue square"] * 24
+    blind = glide.caption_preference(_CaptionConstant({}), images, true, other, ts=(100, 900), batch_size=7)
+    assert [r.t for r in blind] == [100, 900]
+    assert all(r.gain == 0.0 and r.share == 0.0 for r in blind)
+    sees = glide.caption_preference(_CaptionConstant({"a blue square": 1.0}), images, true, other, ts=(500,))
+    assert abs(sees[0].gain - 1.0) < 0.02 and sees[0].share == 1.0
+    assert sees[0].gain_interval[0] < sees[0].gain < sees[0].gain_interval[1]
+    with pytest.raises(ValueError, match="one caption and one other caption per image"):
+        glide.caption_preference(_CaptionConstant({}), images, true, other[:3])
+    with pytest.raises(ValueError, match="the images"):
+        glide.caption_preference(_CaptionConstant({}), images * 3, true, other)
+
+
+def test_swapped_order_caption_names_the_same_objects_in_each_others_places():
+    from course_lib.data import shapes
+    a, b = shapes.Obj("circle", "red", "small"), shapes.Obj("square", "blue", "large")
+    scene = shapes.Scene((a, b), relation="left of")
+    swapped = glide.swapped_order_caption(scene)
+    assert shapes.parse_caption(swapped).canonical() == shapes.Scene((b, a), relation="left of")
+    assert sorted(swapped.split()) == sorted(shapes.caption(scene, 0).split())
+    with pytest.raises(ValueError, match="two-object"):
+        glide.swapped_order_caption(shapes.Scene((a,), position="left"))
+
+
+def test_order_preference_runs_on_the_shipped_model_and_is_seeded():
+    from course_lib.training import checkpoints
+    m = checkpoints.load_pretrained("shapes_glide").eval()
+    one = glide.order_preference(m, n=6, ts=(600,), seed=3)
+    assert one == glide.order_preference(m, n=6, ts=(600,), seed=3)
+    assert 0.0 <= one[0].share <= 1.0 and one[0].t == 600
