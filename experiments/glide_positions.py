@@ -18,11 +18,12 @@ shapes_glide for STEPS more steps in two arms that differ in one thing:
 
 Same recipe otherwise (shapes_glide's, lr warm-up 50 steps, fp32, seed 0), then the recipe's own
 evaluation (report.measure: 20 samples x 8 prompts per kind, 50 DDPM steps, CFG s=1 and s=3), and
-glide.order_preference: on 200 two-object test scenes, how much lower the denoising loss is with the
+glide.swap_preference: on 200 two-object test scenes, how much lower the denoising loss is with the
 true caption than with the same words naming the objects in swapped places, per t (0: blind to order).
 
-usage: OMP_NUM_THREADS=1 COURSE_THREADS=1 python experiments/glide_positions.py pos|ctl|bidir|shipped STEPS
+usage: OMP_NUM_THREADS=1 COURSE_THREADS=1 python experiments/glide_positions.py pos|ctl|bidir|shipped STEPS [--probe]
 Writes runs/glide_positions_ARM_STEPS/ (training state) and experiments/results/glide_positions_ARM_STEPS.json.
+--probe: the arm already trained (its state in runs/), add only the order preference to its results file.
 """
 import dataclasses
 import json
@@ -36,7 +37,7 @@ from course_lib.eval import report
 from course_lib.models import glide
 from course_lib.training import checkpoints, recipes, trainer
 
-arm, steps = sys.argv[1], int(sys.argv[2])
+arm, steps, probe_only = sys.argv[1], int(sys.argv[2]), "--probe" in sys.argv[3:]
 if arm not in ("pos", "ctl", "bidir", "shipped"):
     raise SystemExit("arm must be pos, ctl, bidir or shipped")
 base = recipes.get("shapes_glide")
@@ -54,11 +55,19 @@ else:
                                                       flush=True)).model
 train_s = time.time() - t0
 print("trained", steps, "in", round(train_s), "s", flush=True)
+results = f"experiments/results/glide_positions_{arm}_{steps}.json"
+order = [{"t": p.t, "gain": round(p.gain, 7), "gain_interval": [round(v, 7) for v in p.gain_interval],
+          "share_true_lower": round(p.share, 3)} for p in glide.swap_preference(model.eval(), "order")]
+if probe_only:
+    out = json.load(open(results))
+    out["metrics"]["order_preference"] = order
+    json.dump(out, open(results, "w"), indent=1)
+    print(json.dumps(order, indent=1))
+    raise SystemExit(0)
 m = report.measure(r, model, device="cpu")
-m["order_preference"] = [{"t": p.t, "gain": round(p.gain, 6), "gain_interval": [round(v, 6) for v in p.gain_interval],
-                          "share_true_lower": round(p.share, 3)} for p in glide.order_preference(model.eval())]
+m["order_preference"] = order
 out = {"arm": arm, "steps": steps, "train_seconds": round(train_s, 1), "threads": torch.get_num_threads(),
        "hardware": runtime.hardware("cpu"), "torch": torch.__version__, "measured": time.strftime("%Y-%m-%d"),
        "metrics": m}
-json.dump(out, open(f"experiments/results/glide_positions_{arm}_{steps}.json", "w"), indent=1)
+json.dump(out, open(results, "w"), indent=1)
 print(json.dumps(m, indent=1))

@@ -610,13 +610,25 @@ class CaptionPreference(NamedTuple):
     share: float         # share of images whose true caption gives the lower loss (0.5: no preference)
 
 
-def swapped_order_caption(scene: shapes.Scene) -> str:
-    """The caption of a two-object scene with its objects trading places: the same words, the other
-    image ("a red circle left of a blue square" -> "a blue square left of a red circle")."""
+SWAPS = ("order", "colors")
+
+
+def swapped_caption(scene: shapes.Scene, swap: str = "order") -> str:
+    """The caption of a two-object scene with one thing swapped between its objects, the same words
+    describing another image. swap="order": the objects trade places ("a red circle left of a blue
+    square" -> "a blue square left of a red circle"); swap="colors": each keeps its place and shape
+    and takes the other's color ("a blue circle left of a red square")."""
     if len(scene.objects) != 2:
-        raise ValueError("swapped_order_caption needs a two-object scene")
+        raise ValueError("swapped_caption needs a two-object scene")
+    if swap not in SWAPS:
+        raise ValueError(f"swap must be one of {SWAPS}, got {swap!r}")
     s = scene.canonical()
-    return shapes.caption(shapes.Scene(s.objects[::-1], relation=s.relation), 0)
+    a, b = s.objects
+    if swap == "order":
+        objects = (b, a)
+    else:
+        objects = (replace(a, color=b.color), replace(b, color=a.color))
+    return shapes.caption(shapes.Scene(objects, relation=s.relation), 0)
 
 
 @torch.no_grad()
@@ -653,13 +665,15 @@ def caption_preference(model, images, captions, others, ts=(200, 400, 600, 800, 
     return rows
 
 
-def order_preference(model, n: int = 200, ts=(200, 400, 600, 800, 900), *, seed: int = 0) -> list:
-    """caption_preference on n two-object test scenes, each caption against its swapped_order_caption:
-    does the model know which object goes where, or only which objects and which axis?"""
+def swap_preference(model, swap: str = "order", n: int = 200, ts=(200, 400, 600, 800, 900), *,
+                    seed: int = 0) -> list:
+    """caption_preference on n two-object test scenes, each caption against its swapped_caption(scene, swap):
+    swap="order" asks whether the model knows which object goes where (or only which objects and which
+    axis); swap="colors" whether it binds each color to its shape."""
     data = shapes.ShapesDataset("test", model_config(model).image_size, 3 * n, seed + 11)
     idx = [i for i, sc in enumerate(data.scenes) if len(sc.objects) == 2][:n]
     true = [shapes.caption(data.scenes[i].canonical(), 0) for i in idx]
-    other = [swapped_order_caption(data.scenes[i]) for i in idx]
+    other = [swapped_caption(data.scenes[i], swap) for i in idx]
     return caption_preference(model, data.images[idx], true, other, ts, seed=seed)
 
 

@@ -505,20 +505,26 @@ def test_caption_preference_against_a_model_with_a_known_answer():
         glide.caption_preference(_CaptionConstant({}), images * 3, true, other)
 
 
-def test_swapped_order_caption_names_the_same_objects_in_each_others_places():
+def test_swapped_caption_uses_the_same_words_for_another_scene():
     from course_lib.data import shapes
     a, b = shapes.Obj("circle", "red", "small"), shapes.Obj("square", "blue", "large")
-    scene = shapes.Scene((a, b), relation="left of")
-    swapped = glide.swapped_order_caption(scene)
-    assert shapes.parse_caption(swapped).canonical() == shapes.Scene((b, a), relation="left of")
-    assert sorted(swapped.split()) == sorted(shapes.caption(scene, 0).split())
+    scene = shapes.Scene((b, a), relation="right of")          # canonically: a left of b
+    order = glide.swapped_caption(scene, "order")
+    assert shapes.parse_caption(order).canonical() == shapes.Scene((b, a), relation="left of")
+    colors = glide.swapped_caption(scene, "colors")
+    assert shapes.parse_caption(colors).canonical() == shapes.Scene(
+        (shapes.Obj("circle", "blue", "small"), shapes.Obj("square", "red", "large")), relation="left of")
+    for other in (order, colors):
+        assert sorted(other.split()) == sorted(shapes.caption(scene, 0).split())
     with pytest.raises(ValueError, match="two-object"):
-        glide.swapped_order_caption(shapes.Scene((a,), position="left"))
+        glide.swapped_caption(shapes.Scene((a,), position="left"))
+    with pytest.raises(ValueError, match="swap must be one of"):
+        glide.swapped_caption(scene, "sizes")
 
 
-def test_order_preference_runs_on_the_shipped_model_and_is_seeded():
+def test_swap_preference_runs_on_the_shipped_model_and_is_seeded():
     from course_lib.training import checkpoints
     m = checkpoints.load_pretrained("shapes_glide").eval()
-    one = glide.order_preference(m, n=6, ts=(600,), seed=3)
-    assert one == glide.order_preference(m, n=6, ts=(600,), seed=3)
+    one = glide.swap_preference(m, "colors", n=6, ts=(600,), seed=3)
+    assert one == glide.swap_preference(m, "colors", n=6, ts=(600,), seed=3)
     assert 0.0 <= one[0].share <= 1.0 and one[0].t == 600
