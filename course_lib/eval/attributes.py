@@ -114,6 +114,42 @@ def score_codes(want: torch.Tensor, got: torch.Tensor) -> CaptionAccuracy:
     return CaptionAccuracy(float(correct.float().mean()) if n else float("nan"), correct, errors, kinds, n)
 
 
+class RelationSplit(NamedTuple):
+    n: int           # two-object images
+    off_axis: int    # two objects, side by side where the caption stacks them (or the reverse)
+    swapped: int     # the caption's axis and objects, in each other's places
+    in_order: int    # right: the caption's objects in the caption's order
+    other: int       # anything else (an object missing, a wrong shape, color or size)
+
+
+def relation_split(want: torch.Tensor, got: torch.Tensor) -> RelationSplit:
+    """Split two-object images by what they get wrong about the relation: the axis, the order, or
+    neither (codes: want (B, 9) the captions', got (B, 9) what the images show). "wrong relation"
+    of error_kind is off_axis + swapped."""
+    if bool((want[:, 0] != 1).any()):
+        raise ValueError("relation_split takes two-object captions only")
+    axis = FIELD_INDEX["axis"]
+    counts = {"off_axis": 0, "swapped": 0, "in_order": 0, "other": 0}
+    for w, g in zip(want, got):
+        kind = error_kind(w, g)
+        if kind is None:
+            counts["in_order"] += 1
+        elif kind == "wrong relation":
+            counts["off_axis" if int(w[axis]) != int(g[axis]) else "swapped"] += 1
+        else:
+            counts["other"] += 1
+    return RelationSplit(len(want), **counts)
+
+
+def relation_breakdown(images: torch.Tensor, captions, classifier=None) -> RelationSplit:
+    """relation_split of images against their two-object captions, read by the judge."""
+    from course_lib.nn.attributes import predict_codes
+    check_images(images)
+    want = as_codes(captions, images.shape[0])
+    model = classifier if classifier is not None else judge()
+    return relation_split(want, predict_codes(model, images.to(next(model.parameters()).device)).cpu())
+
+
 def check_images(images) -> None:
     """Images for the judge: a float tensor (B, 3, 32 or 64, same) with values in [-1, 1]."""
     if not isinstance(images, torch.Tensor) or not images.dtype.is_floating_point:

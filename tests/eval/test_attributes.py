@@ -78,6 +78,32 @@ class StandIn(torch.nn.Module):
         return self.logits.expand(x.shape[0], -1) + self.w
 
 
+def test_relation_split_tells_the_axis_from_the_order():
+    a, b = RED_CIRCLE_ABOVE_BLUE_SQUARE.objects
+    got = [RED_CIRCLE_ABOVE_BLUE_SQUARE,                        # right
+           Scene((b, a), relation="below"),                     # the same scene named the other way: right
+           Scene((b, a), relation="above"),                     # swapped places
+           Scene((a, b), relation="left of"),                   # side by side: off the axis
+           Scene((b, a), relation="left of"),                   # off the axis (and swapped: the axis counts first)
+           Scene((Obj("cross", "red", "small"), b), relation="above"),   # a wrong shape: other
+           Scene((a,), position="top")]                         # an object missing: other
+    want = torch.stack([code(RED_CIRCLE_ABOVE_BLUE_SQUARE)] * len(got))
+    split = attributes.relation_split(want, torch.stack([code(g) for g in got]))
+    assert split == attributes.RelationSplit(n=7, off_axis=2, swapped=1, in_order=2, other=2)
+    kinds = attributes.score_codes(want, torch.stack([code(g) for g in got])).errors
+    assert split.off_axis + split.swapped == round(kinds["wrong relation"] * 7)
+    with pytest.raises(ValueError, match="two-object captions only"):
+        attributes.relation_split(torch.stack([code(ONE)]), torch.stack([code(ONE)]))
+
+
+def test_relation_breakdown_reads_real_renders_as_in_order():
+    scenes = [RED_CIRCLE_ABOVE_BLUE_SQUARE, Scene((Obj("cross", "green", "large"), Obj("circle", "purple", "small")),
+                                                  relation="left of")]
+    images = shapes.render_scenes(scenes, 32, seed=1)
+    split = attributes.relation_breakdown(images, [shapes.caption(s, 1) for s in scenes])
+    assert split == attributes.RelationSplit(n=2, off_axis=0, swapped=0, in_order=2, other=0)
+
+
 def test_caption_accuracy_with_a_stand_in_judge():
     judge = StandIn(ONE)
     x = torch.zeros(3, 3, 32, 32)
