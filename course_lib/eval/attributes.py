@@ -143,11 +143,7 @@ def relation_split(want: torch.Tensor, got: torch.Tensor) -> RelationSplit:
 
 def relation_breakdown(images: torch.Tensor, captions, classifier=None) -> RelationSplit:
     """relation_split of images against their two-object captions, read by the judge."""
-    from course_lib.nn.attributes import predict_codes
-    check_images(images)
-    want = as_codes(captions, images.shape[0])
-    model = classifier if classifier is not None else judge()
-    return relation_split(want, predict_codes(model, images.to(next(model.parameters()).device)).cpu())
+    return relation_split(*_judged_codes(images, captions, classifier))
 
 
 def check_images(images) -> None:
@@ -172,13 +168,17 @@ def caption_accuracy(images: torch.Tensor, attributes, classifier=None) -> Capti
     images (B, 3, 32 or 64, same) in [-1, 1]; attributes: Scenes, captions or codes (one per image,
     or one for all); classifier: the judge (default: the shipped `shapes_attributes`).
     """
+    return score_codes(*_judged_codes(images, attributes, classifier))
+
+
+def _judged_codes(images: torch.Tensor, attributes, classifier=None):
+    """(want, got): the attributes' scene codes and the judge's reading of the images, both on the CPU."""
     from course_lib.nn.attributes import predict_codes
     check_images(images)
     want = as_codes(attributes, images.shape[0])
     model = classifier if classifier is not None else judge()
-    device = next(model.parameters()).device
-    got = predict_codes(model, images.to(device)).cpu()
-    return score_codes(want, got)
+    got = predict_codes(model, images.to(next(model.parameters()).device)).cpu()
+    return want, got
 
 
 def format_errors(result: CaptionAccuracy) -> str:
